@@ -45,7 +45,10 @@ class StopStringText:
 
     def flush(self) -> str:
         """At the end of generation without a stop string, the held-back text is emitted."""
-        return "" if self.stopped else self._emit_until(self.decoder.text, len(self.decoder.text))
+        if self.stopped:
+            return ""
+        self.decoder.flush()  # a trailing incomplete UTF-8 sequence is emitted as the tokenizer decodes it
+        return self._emit_until(self.decoder.text, len(self.decoder.text))
 
     def _emit_until(self, text: str, end: int) -> str:
         delta = text[self.emitted : end] if end > self.emitted else ""

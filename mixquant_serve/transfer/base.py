@@ -145,7 +145,8 @@ def validate_block_ids(
 ) -> tuple[list[int], list[int]]:
     """Check a read request and return the ids as plain int lists.
 
-    Non-empty, equal lengths, every id in range, no local id twice (two sources into one block would race).
+    Non-empty, equal lengths, every id in range, no local id twice (two sources into one block
+    would race).
     A remote id may repeat: reading one block into two places is well defined.
     """
     remote = [int(i) for i in remote_block_ids]

@@ -129,17 +129,23 @@ class InProcessTransport:
             source = self._peers.get(peer)
         if source is None:
             raise KVTransferError(f"{self.name}: unknown peer {peer!r}; call add_peer first")
-        if source._closed or source._cache is None or source._layout is None:
-            raise KVTransferError(f"{self.name}: peer {peer!r} has closed; refresh it with add_peer")
+        source_cache, local_cache = source._cache, self._cache
+        if source._closed or source_cache is None:
+            raise KVTransferError(
+                f"{self.name}: peer {peer!r} has closed; refresh it with add_peer"
+            )
+        assert local_cache is not None  # registered, checked above
         remote, local = validate_block_ids(
-            remote_block_ids, local_block_ids, source._layout.num_blocks, local_layout.num_blocks
+            remote_block_ids,
+            local_block_ids,
+            num_remote_blocks=source_cache.shape[0],
+            num_local_blocks=local_layout.num_blocks,
         )
         self._inject(FAULT_POINT_BEFORE_READ)
-        assert self._cache is not None
         # caches: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
         for remote_start, local_start, run in coalesce_block_runs(remote, local):
-            self._cache[local_start : local_start + run].copy_(
-                source._cache[remote_start : remote_start + run]
+            local_cache[local_start : local_start + run].copy_(
+                source_cache[remote_start : remote_start + run]
             )
         self._inject(FAULT_POINT_AFTER_POST)
         if time.monotonic() > deadline:

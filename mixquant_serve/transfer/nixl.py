@@ -12,33 +12,42 @@ The metadata bytes are produced and consumed only by app replicas (never by HTTP
     header  struct "<4sHBxIQQQH": magic b"MQKV", format version, is_cuda, device index,
             base address, block_bytes, num_blocks, length of the agent name
     name    the agent name, UTF-8
-    rest    nixl_agent.get_agent_metadata() (connection info + registered memory keys)
+    rest    the NIXL agent's own metadata (getLocalMD: connection info + registered memory keys)
 
-NIXL calls used, all on `nixl._api.nixl_agent`:
-    nixl_agent(name, nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False,
-                                       backends=["UCX"]))
-    register_memory([(addr, len, dev, "")], "DRAM" | "VRAM") / deregister_memory(reg_descs)
-    get_agent_metadata(); add_remote_agent(md) -> name (bytes in 1.5.1); make_connection(name);
-    remove_remote_agent(name)
-    prep_xfer_dlist(peer, Nx3 [addr, len, dev] of all its blocks, mem) once per peer, and
-    prep_xfer_dlist("NIXL_INIT_AGENT", ... of all local blocks, mem) once at registration
-    make_prepped_xfer("READ", local_dlist, local_ids, remote_dlist, remote_ids, notify_msg)
-    transfer(handle) -> "DONE" | "PROC" | "ERR"; check_xfer_state(handle); handle.release()
-    get_new_notifs() -> {peer name: [msg, ...]}; dlist_handle.release()
+Why the agent is built from `nixl._bindings` and not with `nixl._api.nixl_agent`: the python
+wrapper hard-codes the progress thread's poll delay to 0, and with nixl 1.5.1 that thread then
+spins on poll(timeout=0), one full CPU core per agent for the life of the process (measured here:
+two idle agents use 2.0 CPU-s per second; with a 1 ms delay 0.03, and on this 2-core machine a
+1-block read dropped from up to 8 ms to 0.16 ms). The thread still wakes at once on UCX events
+(it polls the worker's event fd); the delay only bounds an idle wait. `nixl_agent` offers no way
+to set it, so this module makes the same binding calls the wrapper makes, with the delay set:
+
+    cfg = nixlAgentConfig(); cfg.useProgThread = True; cfg.pthrDelay = 1000 (us) ...
+    agent = nixlAgent(name, cfg); agent.createBackend("UCX", {})
+    agent.registerMem(nixlRegDList(DRAM_SEG | VRAM_SEG, [(addr, len, dev, "")]))
+    agent.getLocalMD(); agent.loadRemoteMD(md) -> name (bytes); agent.makeConnection(name, [])
+    agent.prepXferDlist(peer, nixlXferDList(mem, Nx3 [addr, len, dev])) once per peer for all
+      its blocks, and prepXferDlist(NIXL_INIT_AGENT, ...) once for all local blocks
+    agent.makeXferReq(NIXL_READ, local_dlist, local_ids, remote_dlist, remote_ids, msg)
+    agent.postXferReq(h, msg); agent.getXferStatus(h); agent.releaseXferReq(h)
+    agent.getNotifs({}) -> {peer: [msg, ...]}; agent.releasedDlistH(dlist);
+    agent.invalidateRemoteMD(name); agent.deregisterMem(reg)
 
 Quirks seen with nixl 1.5.1 on this machine (CPU only):
 - No environment tweaks are needed: UCX picks `cma` (cross-memory attach, zero copy) for
   DRAM->DRAM between processes of one host and `tcp` for its control messages.
-- With cma, `transfer()` usually performs the whole copy before returning "DONE".
-- Errors surface both as "ERR" states and as exceptions from the bindings (nixlNotAllowedError,
-  nixlRemoteDisconnectError, ...), which share no base class: every NIXL call is wrapped and
+- With cma, `postXferReq` usually performs the whole copy before returning NIXL_SUCCESS.
+- Errors surface both as status codes and as binding exceptions (nixlNotAllowedError,
+  nixlRemoteDisconnectError, ...) that share no base class: every NIXL call is wrapped and
   turned into KVTransferError.
-- `add_remote_agent` with a name that is already loaded fails (NIXL_ERR_NOT_ALLOWED): a restarted
-  peer is replaced by releasing its prepped list, `remove_remote_agent`, then loading the new one.
+- `loadRemoteMD` of a name that is already loaded fails (NIXL_ERR_NOT_ALLOWED): a restarted
+  peer is replaced by releasing its prepped list, `invalidateRemoteMD`, then loading the new one.
 - NIXL merges descriptors that are adjacent on both sides when it builds a request (a run of
-  consecutive blocks becomes one descriptor), so per-block prepped lists cost nothing extra.
+  consecutive blocks became one descriptor in its telemetry), so per-block prepped lists cost
+  nothing extra and this module does not coalesce runs itself.
+- The progress thread stops only when the agent is destroyed: `close()` drops the agent.
 
-Threading: the agent runs with NIXL_THREAD_SYNC_NONE (the python default without a listener
+Threading: the agent runs with NIXL_THREAD_SYNC_NONE (what the wrapper uses without a listener
 thread), so this class serializes every agent call with one lock. Reads from several threads
 interleave their polls; a peer being replaced waits until its in-flight reads end.
 """
@@ -53,9 +62,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import nixl._bindings as nixl_bindings
 import numpy as np
 import torch
-from nixl._api import nixl_agent, nixl_agent_config, nixl_prepped_dlist_handle, nixl_xfer_handle
 
 from mixquant_serve.transfer.base import (
     FAULT_POINT_AFTER_POST,
@@ -75,8 +84,11 @@ METADATA_MAGIC = b"MQKV"
 METADATA_VERSION = 1
 _METADATA_HEADER = struct.Struct("<4sHBxIQQQH")
 NIXL_BACKEND = "UCX"
-# Sleep between completion checks: short against a KV transfer (ms), long enough to leave the
-# GIL and the agent lock to other threads.
+# Idle wait of NIXL's progress thread between polls of the UCX event fd (see module docstring);
+# NIXL rounds it up to whole milliseconds.
+PROGRESS_THREAD_IDLE_WAIT_US = 1000
+# Sleep between completion checks of a posted read: short against a KV transfer (ms), long
+# enough to leave the GIL and the agent lock to other threads.
 POLL_INTERVAL_S = 1e-4
 
 _T = TypeVar("_T")
@@ -98,7 +110,7 @@ def pack_metadata(name: str, layout: CacheLayout, agent_metadata: bytes) -> byte
 
 
 def unpack_metadata(metadata: bytes) -> tuple[str, CacheLayout, bytes]:
-    """Inverse of pack_metadata: (agent name, its cache layout, nixl agent metadata)."""
+    """Inverse of pack_metadata: (agent name, its cache layout, NIXL agent metadata)."""
     if not isinstance(metadata, bytes) or len(metadata) < _METADATA_HEADER.size:
         raise ValueError("metadata is not NixlTransport metadata (too short or not bytes)")
     magic, version, is_cuda, device_index, base_addr, block_bytes, num_blocks, name_len = (
@@ -112,7 +124,7 @@ def unpack_metadata(metadata: bytes) -> tuple[str, CacheLayout, bytes]:
     name_end = _METADATA_HEADER.size + name_len
     agent_metadata = metadata[name_end:]
     if not name_len or not agent_metadata:
-        raise ValueError("metadata lacks the agent name or the nixl agent metadata")
+        raise ValueError("metadata lacks the agent name or the NIXL agent metadata")
     layout = CacheLayout(
         base_addr=base_addr,
         block_bytes=block_bytes,
@@ -123,27 +135,40 @@ def unpack_metadata(metadata: bytes) -> tuple[str, CacheLayout, bytes]:
     return metadata[_METADATA_HEADER.size : name_end].decode("utf-8"), layout, agent_metadata
 
 
-def _nixl_mem_type(layout: CacheLayout) -> str:
-    return "VRAM" if layout.is_cuda else "DRAM"
+def _mem_segment(layout: CacheLayout) -> nixl_bindings.nixl_mem_t:
+    return nixl_bindings.VRAM_SEG if layout.is_cuda else nixl_bindings.DRAM_SEG
 
 
-def _block_descriptors(layout: CacheLayout) -> np.ndarray:
-    """One NIXL descriptor per block: rows of (address, length, device index)."""
-    # descriptors: [num_blocks, 3] uint64
-    descriptors = np.empty((layout.num_blocks, 3), dtype=np.uint64)
-    descriptors[:, 0] = layout.base_addr + np.arange(layout.num_blocks, dtype=np.uint64) * np.uint64(
-        layout.block_bytes
-    )
-    descriptors[:, 1] = layout.block_bytes
-    descriptors[:, 2] = layout.device_index
-    return descriptors
+def _block_descriptors(layout: CacheLayout) -> nixl_bindings.nixlXferDList:
+    """A nixlXferDList with one descriptor per block: (address, length, device index)."""
+    # rows: [num_blocks, 3] uint64
+    rows = np.empty((layout.num_blocks, 3), dtype=np.uint64)
+    block_ids = np.arange(layout.num_blocks, dtype=np.uint64)
+    rows[:, 0] = np.uint64(layout.base_addr) + block_ids * np.uint64(layout.block_bytes)
+    rows[:, 1] = layout.block_bytes
+    rows[:, 2] = layout.device_index
+    return nixl_bindings.nixlXferDList(_mem_segment(layout), rows)
+
+
+def _new_agent(name: str) -> nixl_bindings.nixlAgent:
+    config = nixl_bindings.nixlAgentConfig()
+    config.useProgThread = True
+    config.useListenThread = False  # metadata travels through the app, not NIXL's listener
+    config.syncMode = nixl_bindings.NIXL_THREAD_SYNC_NONE  # NixlTransport serializes calls
+    config.pthrDelay = PROGRESS_THREAD_IDLE_WAIT_US
+    config.captureTelemetry = False
+    agent = nixl_bindings.nixlAgent(name, config)
+    if NIXL_BACKEND not in agent.getAvailPlugins():
+        raise RuntimeError(f"the NIXL {NIXL_BACKEND} backend plugin is not installed")
+    agent.createBackend(NIXL_BACKEND, {})
+    return agent
 
 
 @dataclass
 class _Peer:
     name: str
     layout: CacheLayout
-    remote_dlist: nixl_prepped_dlist_handle  # all of the peer's blocks, indexed by block id
+    remote_dlist: int  # prepped handle over all of the peer's blocks, indexed by block id
     active_reads: int = 0
 
 
@@ -163,12 +188,8 @@ class NixlTransport:
         self.name = name
         self._fault_injector = fault_injector
         self._poll_interval_s = poll_interval_s
-        config = nixl_agent_config(
-            enable_prog_thread=True, enable_listen_thread=False, backends=[NIXL_BACKEND]
-        )
-        self._agent = nixl_agent(name, config)
-        if NIXL_BACKEND not in self._agent.backends:
-            raise RuntimeError(f"the NIXL {NIXL_BACKEND} backend plugin is not available")
+        # None once closed: dropping the last reference destroys it and stops its threads.
+        self._agent: nixl_bindings.nixlAgent | None = _new_agent(name)
         # Guards every agent call, the peer table and the handle lists; waited on for peers in
         # replacement and for in-flight reads of a peer being replaced.
         self._lock = threading.Condition()
@@ -176,40 +197,40 @@ class NixlTransport:
         self._peers_in_replacement: set[str] = set()
         self._layout: CacheLayout | None = None
         self._cache: torch.Tensor | None = None  # held so its memory outlives the registration
-        self._registered_descs: object | None = None  # nixlRegDList from register_memory
-        self._local_dlist: nixl_prepped_dlist_handle | None = None
-        self._unreleased_xfers: list[nixl_xfer_handle] = []  # release failed; retried later
-        self._closed = False
+        self._registered: nixl_bindings.nixlRegDList | None = None  # given to registerMem
+        self._local_dlist: int | None = None
+        self._unreleased_xfers: list[int] = []  # releaseXferReq failed; retried later
 
     # registration and metadata ---------------------------------------------------------------
 
     def register_cache(self, cache: torch.Tensor) -> None:
         layout = CacheLayout.of(cache)
-        mem_type = _nixl_mem_type(layout)
-        region = [(layout.base_addr, layout.num_blocks * layout.block_bytes, layout.device_index, "")]
+        cache_bytes = layout.num_blocks * layout.block_bytes
+        region = [(layout.base_addr, cache_bytes, layout.device_index, "")]
+        registered = nixl_bindings.nixlRegDList(_mem_segment(layout), region)
         with self._lock:
-            self._check_open()
+            agent = self._open_agent()
             if self._layout is not None:
                 raise RuntimeError(f"{self.name}: a cache is already registered")
-            registered = self._nixl("register_memory", lambda: self._agent.register_memory(region, mem_type))
+            self._nixl("registerMem", lambda: agent.registerMem(registered))
             try:
                 local_dlist = self._nixl(
-                    "prep_xfer_dlist(local)",
-                    lambda: self._agent.prep_xfer_dlist(
-                        "NIXL_INIT_AGENT", _block_descriptors(layout), mem_type
+                    "prepXferDlist(local)",
+                    lambda: agent.prepXferDlist(
+                        nixl_bindings.NIXL_INIT_AGENT, _block_descriptors(layout)
                     ),
                 )
             except BaseException:
-                self._agent.deregister_memory(registered)
+                self._best_effort("deregisterMem", lambda: agent.deregisterMem(registered))
                 raise
             self._layout, self._cache = layout, cache
-            self._registered_descs, self._local_dlist = registered, local_dlist
+            self._registered, self._local_dlist = registered, local_dlist
 
     def metadata(self) -> bytes:
         with self._lock:
-            self._check_open()
+            agent = self._open_agent()
             layout = self._registered_layout()
-            agent_metadata = self._nixl("get_agent_metadata", self._agent.get_agent_metadata)
+            agent_metadata = self._nixl("getLocalMD", agent.getLocalMD)
         return pack_metadata(self.name, layout, agent_metadata)
 
     # peers ----------------------------------------------------------------------------------
@@ -217,7 +238,7 @@ class NixlTransport:
     def add_peer(self, metadata: bytes) -> str:
         name, layout, agent_metadata = unpack_metadata(metadata)
         with self._lock:
-            self._check_open()
+            self._open_agent()
             local = self._registered_layout()
             if name == self.name:
                 raise ValueError(f"metadata is this agent's own ({name!r}); a peer must differ")
@@ -232,7 +253,7 @@ class NixlTransport:
             try:
                 old = self._peers.pop(name, None)
                 while old is not None and old.active_reads > 0:
-                    self._lock.wait()  # their reads end by their own deadlines
+                    self._lock.wait()  # those reads end by their own deadlines
                 if old is not None:
                     self._forget_peer(old)
                 self._peers[name] = self._load_peer(name, layout, agent_metadata)
@@ -243,6 +264,7 @@ class NixlTransport:
 
     def remove_peer(self, name: str) -> None:
         with self._lock:
+            self._open_agent()
             while name in self._peers_in_replacement:
                 self._lock.wait()
             peer = self._peers.pop(name, None)
@@ -253,37 +275,39 @@ class NixlTransport:
             self._forget_peer(peer)
 
     def _load_peer(self, name: str, layout: CacheLayout, agent_metadata: bytes) -> _Peer:
-        loaded = self._nixl("add_remote_agent", lambda: self._agent.add_remote_agent(agent_metadata))
+        agent = self._open_agent()
+        loaded = self._nixl("loadRemoteMD", lambda: agent.loadRemoteMD(agent_metadata))
         loaded_name = loaded.decode("utf-8") if isinstance(loaded, bytes) else str(loaded)
         if loaded_name != name:
-            self._agent.remove_remote_agent(loaded_name)
-            raise ValueError(f"metadata header names {name!r} but its NIXL part is {loaded_name!r}")
+            self._best_effort("invalidateRemoteMD", lambda: agent.invalidateRemoteMD(loaded_name))
+            raise ValueError(
+                f"metadata header names {name!r} but its NIXL part is {loaded_name!r}"
+            )
         try:
             remote_dlist = self._nixl(
-                "prep_xfer_dlist(remote)",
-                lambda: self._agent.prep_xfer_dlist(name, _block_descriptors(layout), _nixl_mem_type(layout)),
+                "prepXferDlist(remote)",
+                lambda: agent.prepXferDlist(name, _block_descriptors(layout)),
             )
         except BaseException:
-            self._agent.remove_remote_agent(name)
+            self._best_effort("invalidateRemoteMD", lambda: agent.invalidateRemoteMD(name))
             raise
         try:
             # Optional in NIXL; connecting now keeps the handshake out of the first read.
-            self._nixl("make_connection", lambda: self._agent.make_connection(name))
+            self._nixl("makeConnection", lambda: agent.makeConnection(name, []))
         except BaseException:
-            remote_dlist.release()
-            self._agent.remove_remote_agent(name)
+            self._best_effort("releasedDlistH", lambda: agent.releasedDlistH(remote_dlist))
+            self._best_effort("invalidateRemoteMD", lambda: agent.invalidateRemoteMD(name))
             raise
         return _Peer(name=name, layout=layout, remote_dlist=remote_dlist)
 
     def _forget_peer(self, peer: _Peer) -> None:
         """Release what was prepared for a peer and unload it; called with no reads in flight."""
+        agent = self._open_agent()
         try:
-            peer.remote_dlist.release()
+            self._nixl("releasedDlistH", lambda: agent.releasedDlistH(peer.remote_dlist))
         finally:
-            try:
-                self._agent.remove_remote_agent(peer.name)
-            except Exception as error:  # the peer may be gone already; nothing is left to free
-                logger.warning("%s: remove_remote_agent(%r) failed: %s", self.name, peer.name, error)
+            # A peer that died may fail this; nothing of it is left to free on our side.
+            self._best_effort("invalidateRemoteMD", lambda: agent.invalidateRemoteMD(peer.name))
 
     # transfer -------------------------------------------------------------------------------
 
@@ -299,17 +323,22 @@ class NixlTransport:
         deadline = deadline_after(timeout_s)
         check_notify_msg(notify_msg)
         with self._lock:
-            self._check_open()
+            self._open_agent()
             local_layout = self._registered_layout()
             self._retry_unreleased_xfers()
             while peer in self._peers_in_replacement:
                 if not self._lock.wait(timeout=max(0.0, deadline - time.monotonic())):
-                    raise KVTransferError(f"{self.name}: peer {peer!r} still being replaced at timeout")
+                    raise KVTransferError(
+                        f"{self.name}: peer {peer!r} was still being replaced at timeout"
+                    )
             entry = self._peers.get(peer)
             if entry is None:
                 raise KVTransferError(f"{self.name}: unknown peer {peer!r}; call add_peer first")
             remote, local = validate_block_ids(
-                remote_block_ids, local_block_ids, entry.layout.num_blocks, local_layout.num_blocks
+                remote_block_ids,
+                local_block_ids,
+                num_remote_blocks=entry.layout.num_blocks,
+                num_local_blocks=local_layout.num_blocks,
             )
             entry.active_reads += 1
         try:
@@ -335,36 +364,44 @@ class NixlTransport:
     ) -> None:
         self._inject(FAULT_POINT_BEFORE_READ)
         with self._lock:
+            agent = self._open_agent()
             handle = self._nixl(
-                "make_prepped_xfer",
-                lambda: self._agent.make_prepped_xfer(
-                    "READ", self._local_dlist, local, peer.remote_dlist, remote, notify_msg
+                "makeXferReq",
+                lambda: agent.makeXferReq(
+                    nixl_bindings.NIXL_READ,
+                    self._local_dlist,
+                    local,
+                    peer.remote_dlist,
+                    remote,
+                    notify_msg,
                 ),
             )
         try:
             with self._lock:
-                state = self._nixl("transfer", lambda: self._agent.transfer(handle))
+                status = self._nixl("postXferReq", lambda: agent.postXferReq(handle, notify_msg))
             self._inject(FAULT_POINT_AFTER_POST)
-            while True:
-                if state == "ERR":
-                    raise KVTransferError(f"{self.name}: READ from {peer.name!r} failed")
+            while True:  # _nixl raised already if the status is an error
                 if time.monotonic() > deadline:
-                    raise KVTransferError(f"{self.name}: READ from {peer.name!r} exceeded {timeout_s} s")
-                if state == "DONE":
+                    raise KVTransferError(
+                        f"{self.name}: READ from {peer.name!r} exceeded {timeout_s} s"
+                    )
+                if status == nixl_bindings.NIXL_SUCCESS:
                     return
                 time.sleep(self._poll_interval_s)
                 with self._lock:
-                    state = self._nixl("check_xfer_state", lambda: self._agent.check_xfer_state(handle))
+                    status = self._nixl("getXferStatus", lambda: agent.getXferStatus(handle))
         finally:
             with self._lock:
                 self._release_xfer(handle)
 
-    def _release_xfer(self, handle: nixl_xfer_handle) -> None:
+    def _release_xfer(self, handle: int) -> None:
         """Release a request; NIXL cancels it if still running. If it cannot, keep it and retry."""
         try:
-            handle.release()
+            self._open_agent().releaseXferReq(handle)
         except Exception as error:
-            logger.warning("%s: releasing %r failed (%s); will retry", self.name, handle, error)
+            logger.warning(
+                "%s: releaseXferReq(0x%x) failed (%s); will retry", self.name, handle, error
+            )
             self._unreleased_xfers.append(handle)
 
     def _retry_unreleased_xfers(self) -> None:
@@ -376,38 +413,58 @@ class NixlTransport:
 
     def get_notifications(self) -> list[tuple[str, bytes]]:
         with self._lock:
-            self._check_open()
-            by_peer = self._nixl("get_new_notifs", self._agent.get_new_notifs)
+            agent = self._open_agent()
+            by_peer = self._nixl("getNotifs", lambda: agent.getNotifs({}))
         return [(peer, msg) for peer, messages in by_peer.items() for msg in messages]
 
     def close(self) -> None:
-        """Release every handle, unload peers, deregister the cache. Safe to call twice."""
+        """Release every handle, unload peers, deregister the cache, destroy the agent.
+
+        Waits for reads in flight (they end by their deadlines). Safe to call twice.
+        """
         with self._lock:
-            if self._closed:
+            if self._agent is None:
                 return
-            self._closed = True
             while any(peer.active_reads for peer in self._peers.values()):
                 self._lock.wait()
-            for peer in list(self._peers.values()):
-                self._forget_peer(peer)
-            self._peers.clear()
-            self._retry_unreleased_xfers()
-            if self._local_dlist is not None:
-                self._local_dlist.release()
-                self._local_dlist = None
-            if self._registered_descs is not None:
-                self._agent.deregister_memory(self._registered_descs)
-                self._registered_descs = None
-            self._cache = None
+            try:
+                for peer in list(self._peers.values()):
+                    self._forget_peer(peer)
+                self._peers.clear()
+                self._retry_unreleased_xfers()
+                agent, local_dlist, registered = self._agent, self._local_dlist, self._registered
+                if local_dlist is not None:
+                    self._nixl("releasedDlistH", lambda: agent.releasedDlistH(local_dlist))
+                if registered is not None:
+                    self._nixl("deregisterMem", lambda: agent.deregisterMem(registered))
+            finally:
+                self._local_dlist = self._registered = self._cache = None
+                self._agent = None  # the last reference: its destructor stops the progress thread
 
     # helpers --------------------------------------------------------------------------------
 
     def _nixl(self, what: str, call: Callable[[], _T]) -> _T:
-        """Run one NIXL call; its binding exceptions become KVTransferError."""
+        """Run one NIXL call. Binding exceptions and returned error statuses (anything but
+        NIXL_SUCCESS and NIXL_IN_PROG) become KVTransferError."""
         try:
-            return call()
+            result = call()
         except Exception as error:
-            raise KVTransferError(f"{self.name}: nixl {what} failed: {type(error).__name__}: {error}") from error
+            raise KVTransferError(
+                f"{self.name}: NIXL {what} failed: {type(error).__name__}: {error}"
+            ) from error
+        if isinstance(result, nixl_bindings.nixl_status_t) and result not in (
+            nixl_bindings.NIXL_SUCCESS,
+            nixl_bindings.NIXL_IN_PROG,
+        ):
+            raise KVTransferError(f"{self.name}: NIXL {what} returned {result}")
+        return result
+
+    def _best_effort(self, what: str, call: Callable[[], object]) -> None:
+        """A cleanup call on an error path: log its failure instead of masking the first one."""
+        try:
+            self._nixl(what, call)
+        except KVTransferError as error:
+            logger.warning("%s", error)
 
     def _inject(self, point: str) -> None:
         if self._fault_injector is None:
@@ -422,6 +479,7 @@ class NixlTransport:
             raise RuntimeError(f"{self.name}: call register_cache first")
         return self._layout
 
-    def _check_open(self) -> None:
-        if self._closed:
+    def _open_agent(self) -> nixl_bindings.nixlAgent:
+        if self._agent is None:
             raise RuntimeError(f"{self.name}: transport is closed")
+        return self._agent

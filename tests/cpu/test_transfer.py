@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -52,18 +53,23 @@ def wait_for_notifications(transport: KVTransport, count: int) -> list[tuple[str
 
 
 def assert_blocks_copied(
-    dest: torch.Tensor, dest_before: torch.Tensor, source: torch.Tensor, remote: list[int], local: list[int]
+    dest: torch.Tensor,
+    dest_before: torch.Tensor,
+    source: torch.Tensor,
+    remote: list[int],
+    local: list[int],
 ) -> None:
     for r, l in zip(remote, local, strict=True):
         # Bitwise equality, not allclose: a transfer moves bytes.
-        assert torch.equal(dest[l].view(torch.int32), source[r].view(torch.int32)), f"block {r}->{l}"
+        dest_bits, source_bits = dest[l].view(torch.int32), source[r].view(torch.int32)
+        assert torch.equal(dest_bits, source_bits), f"block {r}->{l}"
     untouched = [i for i in range(dest.shape[0]) if i not in set(local)]
     assert torch.equal(dest[untouched], dest_before[untouched]), "a block outside local ids changed"
 
 
 @dataclass
 class FaultAt:
-    """Fault injector: at `point`, raise (or sleep `sleep_s` when set) for the next `times` calls."""
+    """Fault injector: at `point`, raise (or sleep `sleep_s` when set) the next `times` times."""
 
     point: str
     sleep_s: float | None = None
@@ -225,6 +231,24 @@ def test_timeout_raises_and_transport_recovers(kind: str) -> None:
     assert torch.equal(made.dest_cache[3], made.source_cache[7])
     made.dest.close()
     made.source.close()
+
+
+def test_concurrent_reads_from_threads_all_land(pair: Pair) -> None:
+    dest_before = pair.dest_cache.clone()
+    # Thread t moves remote blocks 4t..4t+1 into local blocks 2t..2t+1 (disjoint targets).
+    requests = [([4 * t, 4 * t + 1], [2 * t, 2 * t + 1], f"thread-{t}".encode()) for t in range(4)]
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        futures = [
+            pool.submit(pair.dest.read_blocks, pair.source.name, remote, local, msg, TIMEOUT_S)
+            for remote, local, msg in requests
+        ]
+        for future in futures:
+            future.result()
+    remote_all = [i for remote, _, _ in requests for i in remote]
+    local_all = [i for _, local, _ in requests for i in local]
+    assert_blocks_copied(pair.dest_cache, dest_before, pair.source_cache, remote_all, local_all)
+    received = wait_for_notifications(pair.source, len(requests))
+    assert sorted(received) == sorted((pair.dest.name, msg) for _, _, msg in requests)
 
 
 def test_coalesce_block_runs_merges_pairs_adjacent_on_both_sides() -> None:
