@@ -51,11 +51,7 @@ class TransferStats:
 
     num_blocks: int
     bytes: int
-    seconds: float
-
-    @property
-    def gbytes_per_second(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+    seconds: float  # wall time of the whole call, validation and waiting included
 
 
 @dataclass(frozen=True)
