@@ -10,9 +10,16 @@ path and a quantized prefill path when both were prepared.
 
 Quantized forwards are W8A8 / W4A4: activations are quantized per call (fp8: a scale per token;
 nvfp4: a dynamic per-tensor global scale and 16-element block scales), then multiplied.
-`select_backend` is the one place that decides how that multiply runs on a device; today every
-device uses `reference_linear` (dequantize both operands to fp32, matmul in fp32). GPU backends
-(Triton NVFP4 GEMM on sm_90, torch._scaled_mm for fp8 and native FP4 on sm_100) plug in there.
+`select_backend` is the one place that decides how that multiply runs on a device:
+
+| precision | CUDA                                                              | CPU, other devices |
+| --------- | ----------------------------------------------------------------- | ------------------ |
+| fp8       | sm_89+: `scaled_mm_fp8_linear` (Triton per-token quantize + torch._scaled_mm, row-wise scales); older: reference | reference |
+| nvfp4     | sm_80+: `triton_nvfp4_linear` (Triton quantize + Triton GEMM decoding packed NVFP4 to fp16 tensor-core MMA); older: reference | reference |
+
+`reference_linear` dequantizes both operands to fp32 and multiplies in fp32: the numerics every
+backend matches up to accumulation order. Native FP4 on sm_100+ (torch._scaled_mm with
+float4_e2m1fn_x2 and blocked scales) is not implemented: those GPUs run the Triton NVFP4 GEMM.
 """
 
 from collections.abc import Callable, Iterable
@@ -121,11 +128,70 @@ class QuantLinear(nn.Module):
                              f"(prepared: {sorted(self.prepared)}); pass it to prepare() after loading weights")
 
 
+# Compute capabilities from which a CUDA backend runs (below them: reference_linear).
+FP8_SCALED_MM_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores (Ada, Hopper and later)
+TRITON_NVFP4_MIN_CAPABILITY = (8, 0)  # fp16 tensor-core MMA in Triton
+NATIVE_FP4_MIN_CAPABILITY = (10, 0)  # FP4 tensor cores (Blackwell)
+# torch._scaled_mm takes K and N in multiples of 16 (FP8 tensor-core tiles); other shapes use the reference.
+SCALED_MM_ALIGNMENT = 16
+
+
 def select_backend(precision: Precision, device: torch.device) -> LinearBackend:
-    """How the quantized linear of precision runs on device. Today: the reference everywhere."""
+    """How the quantized linear of precision runs on device (see the module docstring's table)."""
     if precision not in QUANTIZED_PRECISIONS:
         raise ValueError(f"precision must be one of {QUANTIZED_PRECISIONS}, got {precision!r}")
-    return reference_linear
+    if device.type != "cuda":
+        return reference_linear
+    capability = torch.cuda.get_device_capability(device)
+    if precision == "fp8":
+        return scaled_mm_fp8_linear if capability >= FP8_SCALED_MM_MIN_CAPABILITY else reference_linear
+    if capability >= NATIVE_FP4_MIN_CAPABILITY:
+        # Native FP4 through torch._scaled_mm is not implemented yet; the Triton GEMM is correct there too.
+        return triton_nvfp4_linear
+    return triton_nvfp4_linear if capability >= TRITON_NVFP4_MIN_CAPABILITY else reference_linear
+
+
+def scaled_mm_fp8_linear(x: Tensor, layer: "QuantLinear", precision: Precision) -> Tensor:
+    """x: [tokens, in] bf16 on CUDA -> [tokens, out] bf16: W8A8 e4m3 with per-token and per-channel scales.
+
+    The Triton kernel quantizes x per token (bit-exact with fp8.quantize, one pass, no host sync);
+    torch._scaled_mm multiplies e4m3 x e4m3 with fp32 accumulation and applies both row-wise scales
+    before the bf16 rounding. Row-wise scaling gives bf16 output only, so other activation dtypes
+    (fp32 on a GPU, in tests) and shapes _scaled_mm cannot tile run `reference_linear`.
+    """
+    if precision != "fp8":
+        raise ValueError(f"scaled_mm_fp8_linear runs precision 'fp8', got {precision!r}")
+    if (x.dtype != torch.bfloat16 or layer.in_features % SCALED_MM_ALIGNMENT != 0
+            or layer.out_features % SCALED_MM_ALIGNMENT != 0):
+        return reference_linear(x, layer, precision)
+    # Imported here: Triton is present with CUDA builds of torch, not necessarily on CPU hosts.
+    from kernels.fp8_quantize import fp8_quantize
+
+    # x_fp8: [tokens, in] e4m3; x_scale: [tokens, 1] fp32
+    x_fp8, x_scale = fp8_quantize(x)
+    # weight_fp8_data: [out, in] row-major, so its .t() is the column-major [in, out] operand
+    # _scaled_mm wants; weight_fp8_scale: [out, 1] -> [1, out]
+    y = torch._scaled_mm(x_fp8, layer.weight_fp8_data.t(), scale_a=x_scale, scale_b=layer.weight_fp8_scale.t(),
+                         out_dtype=torch.bfloat16)
+    return y if layer.bias is None else y + layer.bias
+
+
+def triton_nvfp4_linear(x: Tensor, layer: "QuantLinear", precision: Precision) -> Tensor:
+    """x: [tokens, in] on CUDA -> [tokens, out] in x's dtype: W4A4 NVFP4 through the Triton kernels.
+
+    Activations are quantized by the Triton quantize kernel (bit-exact with nvfp4.quantize); the
+    Triton GEMM reads both operands packed, decodes them exactly to fp16 in registers, accumulates
+    in fp32 on the tensor cores and applies the two global scales and the bias at the end: the
+    reference numerics up to summation order.
+    """
+    if precision != "nvfp4":
+        raise ValueError(f"triton_nvfp4_linear runs precision 'nvfp4', got {precision!r}")
+    from kernels.nvfp4_gemm import nvfp4_gemm
+
+    activation = quantize_activation(x, "nvfp4")
+    weight = layer.quantized_weight("nvfp4")
+    return nvfp4_gemm(activation.packed, activation.block_scale, activation.global_scale, weight.packed,
+                      weight.block_scale, weight.global_scale, out_dtype=x.dtype, bias=layer.bias)
 
 
 def quantize_activation(x: Tensor, precision: Precision) -> NVFP4Tensor | FP8Tensor:
