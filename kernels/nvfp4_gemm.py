@@ -16,13 +16,16 @@ products also fit bf16, but fp16 has packed f16x2 arithmetic and its e2m1 values
 (no subnormal handling in the decode).
 
 Decoding is the cost that bf16 GEMMs do not pay: per K step, (BLOCK_M + BLOCK_N) * BLOCK_K values
-on the CUDA cores against 2 * BLOCK_M * BLOCK_N * BLOCK_K tensor-core flops. Two decoders:
-- `_decode_ptx` (GPU): inline PTX, 8 values from one 32-bit register of packed bytes in ~19
+on the CUDA cores against 2 * BLOCK_M * BLOCK_N * BLOCK_K tensor-core flops, and Triton runs the
+decode and the wgmma of a tile one after the other. Two decoders (`_decode_bytes`):
+- PTX (`_DECODE_PTX`, GPU only): 8 values from one 32-bit register of packed bytes in ~19
   instructions. `prmt` looks the fp16 high byte of each magnitude up in an 8-entry byte table
   (e2m1 values have an all-zero low byte in fp16), a second `prmt` makes the sign byte, and one
   `mul.rn.f16x2` per two values applies the block scales.
-- `_decode_arith` (any target, the Triton interpreter too): the same values by integer bit
-  construction, ~10 operations a value.
+- arithmetic (`_e2m1_to_fp16`, any target, the Triton interpreter too): the same values by
+  integer bit construction, ~10 operations a value.
+Measured on an H200 at 8192 x 14336 x 4096: 334 TFLOP/s with the PTX decoder, 195 with the
+arithmetic one, against 695 for the bf16 cuBLAS GEMM (docs/perf-notes.md).
 
 The global scales are applied as the fp32 tensor `alpha` = 1 / (gs_a * gs_w), computed on the
 device: no host sync; a NaN activation scale (non-finite input) makes the output NaN.
@@ -99,6 +102,8 @@ class GemmConfig:
 
 
 # Autotuned per (M bucket, N, K); the bucket keeps one tuning for every prefill length in it.
+# Kept from a sweep on an H200 (docs/perf-notes.md): 128x128x64/8 warps/4 stages was fastest at
+# 8192 tokens (334 TFLOP/s); 64x256x128 spilled (116), 128x128x128 ran 281.
 SMALL_M_CONFIGS = (
     GemmConfig(16, 64, 128, 4, 4),
     GemmConfig(32, 128, 128, 4, 3),
@@ -107,10 +112,9 @@ SMALL_M_CONFIGS = (
 )
 LARGE_M_CONFIGS = (
     GemmConfig(128, 128, 64, 8, 4),
-    GemmConfig(128, 256, 64, 8, 3),
     GemmConfig(256, 128, 64, 8, 3),
-    GemmConfig(128, 128, 128, 8, 3),
-    GemmConfig(64, 256, 128, 8, 3),
+    GemmConfig(128, 256, 128, 8, 2),
+    GemmConfig(64, 128, 128, 4, 3),
 )
 SMALL_M_LIMIT = 64
 # For tests and the interpreter: small tiles, any shape.
@@ -124,15 +128,11 @@ def m_bucket(m: int) -> int:
 
 @triton.jit
 def _e4m3_to_fp16(bits):
-    """uint8 E4M3 bits of a non-negative scale -> fp16 (exact); 0x7F (NaN) -> NaN."""
-    b = bits.to(tl.int32) & 0x7F
-    exponent = b >> 3
-    mantissa = b & 7
-    # fp32 bits: rebias the exponent (7 -> 127), widen the mantissa; 0x7FC00000 is a quiet NaN
-    normal_bits = tl.where(b == 0x7F, 0x7FC00000, ((exponent + 120) << 23) | (mantissa << 20))
-    subnormal = mantissa.to(tl.float32) * 0.001953125  # m * 2**-9, exact
-    value = tl.where(exponent > 0, normal_bits.to(tl.float32, bitcast=True), subnormal)
-    return value.to(tl.float16)
+    """uint8 E4M3 bits of a non-negative scale -> fp16, exact. Shifted into fp16's field layout the
+    bits read as the value times 2**-8 (E4M3 subnormals as fp16 subnormals); the multiply by 2**8 is
+    exact. NaN (0x7F) reads as 480: only a NaN global scale writes it, and alpha is then NaN too."""
+    fp16_bits = (bits.to(tl.int16) & 0x7F) << 7
+    return (fp16_bits.to(tl.float16, bitcast=True) * 256.0).to(tl.float16)
 
 
 @triton.jit
@@ -146,17 +146,26 @@ def _e2m1_to_fp16(nibble):
 
 
 @triton.jit
-def _decode_tile(packed, scale_bits, ROWS: tl.constexpr, BLOCKS: tl.constexpr, DECODE_WITH_PTX: tl.constexpr):
-    """packed: uint8 [ROWS, BLOCKS, 8]; scale_bits: uint8 [ROWS, BLOCKS] -> fp16 [ROWS, BLOCKS * 16]."""
-    scale = tl.broadcast_to(_e4m3_to_fp16(scale_bits)[:, :, None], (ROWS, BLOCKS, _BYTES_PER_BLOCK))
+def _decode_bytes(packed, scale, DECODE_WITH_PTX: tl.constexpr):
+    """packed: uint8 [R, C]; scale: fp16 [R, C], each byte's block scale -> (low, high): fp16 [R, C],
+    the values of each byte's low and high nibble."""
     if DECODE_WITH_PTX:
         low, high = tl.inline_asm_elementwise(_DECODE_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
         low = (_e2m1_to_fp16(packed & 0xF) * scale).to(tl.float16)
         high = (_e2m1_to_fp16(packed >> 4) * scale).to(tl.float16)
-    values = tl.join(low, high)  # [ROWS, BLOCKS, 8, 2]: element 2j is byte j's low nibble
-    return tl.reshape(values, (ROWS, BLOCKS * _BLOCK_SIZE))
+    return low, high
+
+
+@triton.jit
+def _byte_scales(bits, ROWS: tl.constexpr, HALF_K: tl.constexpr):
+    """E4M3 bits [ROWS, HALF_K / 8], one a block -> fp16 [ROWS, HALF_K], the scale of each packed byte.
+    Decoded once a block, then repeated by broadcast + reshape in registers (loading the scale byte
+    once per packed byte instead ran 2-4x slower: those loads are not pipelined)."""
+    scale = _e4m3_to_fp16(bits)
+    return tl.reshape(tl.broadcast_to(scale[:, :, None], (ROWS, HALF_K // _BYTES_PER_BLOCK, _BYTES_PER_BLOCK)),
+                      (ROWS, HALF_K))
 
 
 @triton.jit
@@ -191,38 +200,47 @@ def _nvfp4_gemm_kernel(
     pid_m = first_m + (pid % programs_per_group) % group_rows
     pid_n = (pid % programs_per_group) // group_rows
 
+    # The K order inside a tile does not change the sum as long as both operands use it: instead of
+    # interleaving each byte's two nibbles, a tile's low nibbles form one [*, BLOCK_K / 2] operand and
+    # its high nibbles another, so the decoded values feed tl.dot without a join or reshape (Triton
+    # 3.6 failed to compile join + reshape + trans into a wgmma operand: "Illegal shared layout").
+    HALF_K: tl.constexpr = BLOCK_K // 2
     SCALE_BLOCKS: tl.constexpr = BLOCK_K // _BLOCK_SIZE
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Tail rows/cols read the last valid row again (never stored): no M/N masks on the loads.
     a_rows = tl.minimum(rows, M - 1).to(tl.int64)
     w_rows = tl.minimum(cols, N - 1).to(tl.int64)
-    blocks = tl.arange(0, SCALE_BLOCKS)  # [SB]
-    block_bytes = blocks[:, None] * _BYTES_PER_BLOCK + tl.arange(0, _BYTES_PER_BLOCK)[None, :]  # [SB, 8]
+    byte_cols = tl.arange(0, HALF_K)
     row_bytes = NUM_BLOCKS * _BYTES_PER_BLOCK
-    a_ptrs = a_ptr + a_rows[:, None, None] * row_bytes + block_bytes[None, :, :]  # [BM, SB, 8]
-    w_ptrs = w_ptr + w_rows[:, None, None] * row_bytes + block_bytes[None, :, :]  # [BN, SB, 8]
-    a_scale_ptrs = a_scale_ptr + a_rows[:, None] * NUM_BLOCKS + blocks[None, :]  # [BM, SB]
-    w_scale_ptrs = w_scale_ptr + w_rows[:, None] * NUM_BLOCKS + blocks[None, :]  # [BN, SB]
+    a_ptrs = a_ptr + a_rows[:, None] * row_bytes + byte_cols[None, :]  # [BM, HK]
+    w_ptrs = w_ptr + w_rows[:, None] * row_bytes + byte_cols[None, :]  # [BN, HK]
+    scale_cols = tl.arange(0, SCALE_BLOCKS)
+    a_scale_ptrs = a_scale_ptr + a_rows[:, None] * NUM_BLOCKS + scale_cols[None, :]
+    w_scale_ptrs = w_scale_ptr + w_rows[:, None] * NUM_BLOCKS + scale_cols[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for first_block in range(0, NUM_BLOCKS, SCALE_BLOCKS):
         if EVEN_K:
             a_packed = tl.load(a_ptrs)
             w_packed = tl.load(w_ptrs)
-            a_scale = tl.load(a_scale_ptrs)
-            w_scale = tl.load(w_scale_ptrs)
+            a_scale_bits = tl.load(a_scale_ptrs)
+            w_scale_bits = tl.load(w_scale_ptrs)
         else:  # blocks past K read as zero values with zero scales
-            in_k = first_block + blocks < NUM_BLOCKS  # [SB]
-            a_packed = tl.load(a_ptrs, mask=in_k[None, :, None], other=0)
-            w_packed = tl.load(w_ptrs, mask=in_k[None, :, None], other=0)
-            a_scale = tl.load(a_scale_ptrs, mask=in_k[None, :], other=0)
-            w_scale = tl.load(w_scale_ptrs, mask=in_k[None, :], other=0)
-        a = _decode_tile(a_packed, a_scale, BLOCK_M, SCALE_BLOCKS, DECODE_WITH_PTX)  # [BM, BK] fp16
-        w = _decode_tile(w_packed, w_scale, BLOCK_N, SCALE_BLOCKS, DECODE_WITH_PTX)  # [BN, BK] fp16
-        acc = tl.dot(a, tl.trans(w), acc)
-        a_ptrs += SCALE_BLOCKS * _BYTES_PER_BLOCK
-        w_ptrs += SCALE_BLOCKS * _BYTES_PER_BLOCK
+            byte_mask = (byte_cols + first_block * _BYTES_PER_BLOCK < row_bytes)[None, :]
+            scale_mask = (scale_cols + first_block < NUM_BLOCKS)[None, :]
+            a_packed = tl.load(a_ptrs, mask=byte_mask, other=0)
+            w_packed = tl.load(w_ptrs, mask=byte_mask, other=0)
+            a_scale_bits = tl.load(a_scale_ptrs, mask=scale_mask, other=0)
+            w_scale_bits = tl.load(w_scale_ptrs, mask=scale_mask, other=0)
+        a_scale = _byte_scales(a_scale_bits, BLOCK_M, HALF_K)  # [BM, HK] fp16
+        w_scale = _byte_scales(w_scale_bits, BLOCK_N, HALF_K)  # [BN, HK] fp16
+        a_low, a_high = _decode_bytes(a_packed, a_scale, DECODE_WITH_PTX)  # [BM, HK] fp16 each
+        w_low, w_high = _decode_bytes(w_packed, w_scale, DECODE_WITH_PTX)  # [BN, HK] fp16 each
+        acc = tl.dot(a_low, tl.trans(w_low), acc)
+        acc = tl.dot(a_high, tl.trans(w_high), acc)
+        a_ptrs += HALF_K
+        w_ptrs += HALF_K
         a_scale_ptrs += SCALE_BLOCKS
         w_scale_ptrs += SCALE_BLOCKS
 

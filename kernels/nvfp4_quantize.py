@@ -57,11 +57,12 @@ def _e2m1_nibble(y):
 @triton.jit
 def _nvfp4_quantize_kernel(
     x_ptr,  # [M, K] fp32/bf16/fp16, contiguous
-    global_scale_ptr,  # [1] fp32
+    global_scale_ptr,  # [1] or [M] fp32
     packed_ptr,  # [M, Kp/2] uint8
     block_scale_ptr,  # [M, Kp/16] uint8 (bits of float8_e4m3fn)
     K,
     NUM_BLOCKS,  # Kp / 16
+    GS_PER_ROW: tl.constexpr,  # one global scale per row (activations) instead of one per tensor
     BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -69,7 +70,7 @@ def _nvfp4_quantize_kernel(
     cols = block_ids[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]  # [B, 16]
     # Columns past K are the zero padding of the reference.
     x = tl.load(x_ptr + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
-    gs = tl.load(global_scale_ptr)
+    gs = tl.load(global_scale_ptr + row) if GS_PER_ROW else tl.load(global_scale_ptr)
 
     block_amax = tl.max(tl.abs(x), axis=1)  # [B]
     scale_raw = tl.minimum(tl.div_rn(block_amax * gs, 6.0), 448.0)
@@ -90,7 +91,7 @@ def _nvfp4_quantize_kernel(
 
 
 def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] contiguous fp32/bf16/fp16; global_scale: float32, one element, on x's device.
+    """x: [M, K] contiguous fp32/bf16/fp16; global_scale: float32 on x's device, one element or [M, 1].
 
     Returns packed uint8 [M, Kp/2] and block_scale float8_e4m3fn [M, Kp/16], Kp = K rounded up to 16,
     equal bit for bit to mixquant_serve.quant.nvfp4.quantize(x, global_scale). Does not check x for
@@ -100,10 +101,11 @@ def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.T
         raise ValueError(f"x must be a contiguous 2-D tensor, got shape {tuple(x.shape)} strides {x.stride()}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if global_scale.dtype != torch.float32 or global_scale.numel() != 1 or global_scale.device != x.device:
-        raise ValueError(f"global_scale must be a one-element float32 tensor on {x.device}, got "
-                         f"{global_scale.dtype} {tuple(global_scale.shape)} on {global_scale.device}")
     m, k = x.shape
+    per_row = tuple(global_scale.shape) == (m, 1)
+    if global_scale.dtype != torch.float32 or not (per_row or global_scale.numel() == 1) or global_scale.device != x.device:
+        raise ValueError(f"global_scale must be a float32 tensor of one element or shape ({m}, 1) on {x.device}, "
+                         f"got {global_scale.dtype} {tuple(global_scale.shape)} on {global_scale.device}")
     num_blocks = triton.cdiv(k, BLOCK_SIZE.value)
     packed = torch.empty(m, num_blocks * BLOCK_SIZE.value // 2, dtype=torch.uint8, device=x.device)
     block_scale = torch.empty(m, num_blocks, dtype=torch.float8_e4m3fn, device=x.device)
@@ -112,7 +114,7 @@ def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.T
     blocks_per_program = min(triton.next_power_of_2(num_blocks), MAX_BLOCKS_PER_PROGRAM)
     grid = (m, triton.cdiv(num_blocks, blocks_per_program))
     _nvfp4_quantize_kernel[grid](
-        x, global_scale.reshape(1), packed, block_scale.view(torch.uint8), k, num_blocks,
-        BLOCKS_PER_PROGRAM=blocks_per_program,
+        x, global_scale.reshape(-1).contiguous(), packed, block_scale.view(torch.uint8), k, num_blocks,
+        GS_PER_ROW=per_row, BLOCKS_PER_PROGRAM=blocks_per_program,
     )
     return packed, block_scale

@@ -1,20 +1,21 @@
 """Per-pool autoscaling: each pool scales on its own load signal, not on request counts.
 
 A prefill request of 30K tokens and one of 300 tokens are one "ongoing request" each to Serve's
-default policy, and a decode replica streaming 40 sequences may hold a single-digit request count
-at its handle while its KV cache is full. So each pool reports the signal that limits it:
+default policy, and ten decode sequences with 30K-token histories can fill a KV cache that forty
+short ones barely touch. So each pool reports the signal that limits it:
 
-| pool    | metric (per replica, float)  | meaning                                                     | target (policy_kwargs)            |
-| ------- | ---------------------------- | ----------------------------------------------------------- | --------------------------------- |
-| prefill | `queued_prefill_tokens`      | prompt tokens waiting for or in prefill on this replica     | `target_queued_tokens_per_replica` |
-| decode  | `kv_block_usage`             | fraction of the replica's KV blocks referenced (0..1)       | `target_kv_usage`                 |
-| decode  | `running_seqs`               | sequences in the replica's running batch                    | `target_running_seqs_per_replica` |
+| pool    | metric (per replica, float) | meaning                                          | target (policy_kwargs)             |
+| ------- | --------------------------- | ------------------------------------------------ | ---------------------------------- |
+| prefill | `queued_prefill_tokens`     | prompt tokens waiting for or in prefill          | `target_queued_tokens_per_replica` |
+| decode  | `kv_block_usage`            | fraction of the KV blocks referenced (0..1)      | `target_kv_usage`                  |
+| decode  | `running_seqs`              | sequences in the running batch                   | `target_running_seqs_per_replica`  |
 
 How the numbers reach the policy (Ray Serve 2.60): the deployment class defines
 `record_autoscaling_stats(self) -> dict[str, float]` (sync or async); each replica calls it every
-`look_back_period_s * 0.2` seconds (at most `metrics_interval_s`), pushes the samples to the
-controller, and the controller hands the policy `ctx.aggregated_metrics[name][replica_id]`: each
-replica's samples over `look_back_period_s`, reduced by `aggregation_function` (mean by default).
+min(0.2 * look_back_period_s, metrics_interval_s) seconds and pushes the samples to the controller
+every `metrics_interval_s` (10 s by default); the controller hands the policy
+`ctx.aggregated_metrics[name][replica_id]`: each replica's samples over `look_back_period_s`,
+reduced by `aggregation_function` (mean by default).
 
     @serve.deployment
     class PrefillDeployment:

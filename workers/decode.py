@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable
 from mixquant_serve.engine.decode_engine import DecodeEngine
 from mixquant_serve.engine.output import RequestOutput
 from mixquant_serve.protocol import GenerateChunk, GenerateRequest, PrefillRequest, PrefillResponse, RequestStats
-from mixquant_serve.transfer.base import KVTransport
+from mixquant_serve.transfer.base import KVTransferError, KVTransport
 from workers.engine_thread import EngineThread
 
 
@@ -149,7 +149,8 @@ class DecodeWorker:
             await self.thread.call(engine.abort, rid)
             raise
         except Exception as error:
-            self._release_remote(rid)
+            if response.prefill_agent in self._peer_versions:
+                await self.transfer_thread.call(self._release_remote, response.prefill_agent, rid)
             return await self._fall_back(request, local, f"kv transfer failed: {error!r}"[:300], reserved=True)
         await self.thread.call(engine.commit_transfer, rid, True)
         stats.kv_transfer_bytes, stats.kv_transfer_ms = pulled.bytes, pulled.seconds * 1e3
@@ -173,11 +174,15 @@ class DecodeWorker:
             self._peer_versions[name] = response.metadata_version
         return response.prefill_agent
 
-    def _release_remote(self, request_id: str) -> None:
-        """Best effort: the prefill side unpins now instead of at lease expiry."""
+    def _release_remote(self, peer: str, request_id: str) -> None:
+        """Best effort, on the pull thread: tell the prefill replica holding the blocks to unpin them now.
+
+        A Serve handle call would land on an arbitrary replica, so the message travels over the KV
+        transport to that replica's agent. If it cannot be delivered, the replica's lease frees them.
+        """
         try:
-            self.prefill_handle.release.remote(request_id)
-        except Exception:  # the replica may be gone; its lease covers it
+            self.transport.send_notification(peer, request_id.encode())
+        except KVTransferError:
             pass
 
     def _ensure_loop(self) -> None:

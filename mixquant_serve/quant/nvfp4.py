@@ -4,7 +4,7 @@ This is the pure-torch reference. Every other NVFP4 path (the Triton quantize ke
 GEMM backends) must reproduce it bit for bit, so the exact fp32 operation order is part of the
 format's definition here:
 
-    amax  = max |x| over the tensor
+    amax  = max |x| over the tensor (or over each row: see "Global scale per tensor or per row")
     gs    = 2688 / max(amax, AMAX_FLOOR)              fp32 division; 2688 = 448 * 6 (the encode scale)
     bamax = max |x| over a block of 16 consecutive elements along K
     s_raw = min((bamax * gs) / 6, 448)                fp32 multiply, then fp32 division
@@ -26,6 +26,13 @@ Edge cases, all decoding without NaN:
   so every formula above stays NaN-free; its blocks decode to zeros or tiny values as usual.
 - K not a multiple of 16 is padded with zeros to Kp = 16 * ceil(K / 16): `packed` is [..., Kp/2]
   and `block_scale` is [..., Kp/16]; `shape` keeps the original K and dequantize drops the padding.
+
+Global scale per tensor or per row. `global_scale` is either one fp32 value for the whole tensor
+(weights: quantized once at load) or one value per row, shape [..., 1] (activations:
+`row_encode_scales`). Per-row scales make each token's quantized activations independent of the
+other tokens in its forward pass, so KV computed for a prefix is bit-identical whether the prefix
+was prefilled alone, inside a longer prompt, or batched with other requests: what the prefix cache
+and continuous batching require. A GEMM applies it as a per-row factor on the fp32 accumulator.
 
 Packing: two E2M1 nibbles per byte, the even element in the low nibble. Nibble = sign << 3 | code,
 code 0..7 indexing E2M1_GRID.
@@ -51,7 +58,8 @@ E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5
 @dataclass(frozen=True)
 class NVFP4Tensor:
     """A quantized tensor. packed: uint8 [..., Kp/2]; block_scale: float8_e4m3fn [..., Kp/16];
-    global_scale: float32 0-dim encode scale gs; shape: the original (unpadded) shape."""
+    global_scale: float32 encode scale gs, 0-dim (per tensor) or [..., 1] (per row);
+    shape: the original (unpadded) shape."""
 
     packed: Tensor
     block_scale: Tensor
@@ -63,11 +71,11 @@ class NVFP4Tensor:
             raise ValueError(f"packed must be uint8, got {self.packed.dtype}")
         if self.block_scale.dtype != torch.float8_e4m3fn:
             raise ValueError(f"block_scale must be float8_e4m3fn, got {self.block_scale.dtype}")
-        if self.global_scale.dtype != torch.float32 or self.global_scale.dim() != 0:
-            raise ValueError(f"global_scale must be a 0-dim float32 tensor, got {self.global_scale.dtype} "
-                             f"{tuple(self.global_scale.shape)}")
         padded_k = padded_size(self.shape[-1])
         lead = tuple(self.shape[:-1])
+        if self.global_scale.dtype != torch.float32 or tuple(self.global_scale.shape) not in ((), lead + (1,)):
+            raise ValueError(f"global_scale must be a float32 tensor of shape () or {lead + (1,)}, got "
+                             f"{self.global_scale.dtype} {tuple(self.global_scale.shape)}")
         if tuple(self.packed.shape) != lead + (padded_k // 2,):
             raise ValueError(f"packed shape {tuple(self.packed.shape)} does not match shape {tuple(self.shape)}")
         if tuple(self.block_scale.shape) != lead + (padded_k // BLOCK_SIZE,):
@@ -78,7 +86,7 @@ class NVFP4Tensor:
 
     def nbytes(self) -> int:
         """Stored bytes: packed values, block scales and the global scale."""
-        return self.packed.numel() + self.block_scale.numel() + 4
+        return self.packed.numel() + self.block_scale.numel() + 4 * self.global_scale.numel()
 
 
 def padded_size(k: int) -> int:
@@ -97,6 +105,14 @@ def global_encode_scale(x: Tensor) -> Tensor:
             else torch.zeros((), dtype=torch.float32, device=x.device))
     floored = amax.clamp(min=AMAX_FLOOR)
     gs = torch.full_like(floored, E2M1_MAX * E4M3_MAX) / floored
+    return torch.where(torch.isfinite(amax), gs, torch.full_like(gs, float("nan")))
+
+
+def row_encode_scales(x: Tensor) -> Tensor:
+    """gs per row: [..., 1] float32, 2688 / max(amax(row), AMAX_FLOOR); NaN for a row holding NaN/Inf."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True) if x.shape[-1] > 0 else x32.new_zeros(*x.shape[:-1], 1)
+    gs = torch.full_like(amax, E2M1_MAX * E4M3_MAX) / amax.clamp(min=AMAX_FLOOR)
     return torch.where(torch.isfinite(amax), gs, torch.full_like(gs, float("nan")))
 
 
@@ -120,20 +136,25 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def _check_global_scale(global_scale: Tensor, device: torch.device) -> Tensor:
-    if not isinstance(global_scale, Tensor) or global_scale.dtype != torch.float32 or global_scale.numel() != 1:
-        raise ValueError("global_scale must be a float32 tensor with one element")
-    if global_scale.device != device:
-        raise ValueError(f"global_scale is on {global_scale.device}, x on {device}")
+def _check_global_scale(global_scale: Tensor, x: Tensor) -> Tensor:
+    """One value (returned 0-dim) or one per row (returned [..., 1])."""
+    per_row = tuple(x.shape[:-1]) + (1,)
+    if not isinstance(global_scale, Tensor) or global_scale.dtype != torch.float32:
+        raise ValueError("global_scale must be a float32 tensor")
+    if global_scale.numel() != 1 and tuple(global_scale.shape) != per_row:
+        raise ValueError(f"global_scale must have one element or shape {per_row}, got {tuple(global_scale.shape)}")
+    if global_scale.device != x.device:
+        raise ValueError(f"global_scale is on {global_scale.device}, x on {x.device}")
     if not (torch.isfinite(global_scale).all() and (global_scale > 0).all()):
-        raise ValueError(f"global_scale must be finite and positive, got {global_scale.item()}")
-    return global_scale.reshape(())
+        raise ValueError("global_scale must be finite and positive")
+    return global_scale.reshape(()) if tuple(global_scale.shape) != per_row else global_scale
 
 
 def quantize(x: Tensor, global_scale: Tensor | None = None, *, name: str = "x") -> NVFP4Tensor:
     """Quantize x [..., K] to NVFP4 along its last dim (see the module docstring for the exact math).
 
-    global_scale: the encode scale gs (float32, one element); computed from x when None.
+    global_scale: the encode scale gs (float32, one element, or one per row with shape [..., 1]);
+    computed per tensor from x when None.
     name: how errors refer to x. Raises ValueError if x holds NaN or Inf.
     """
     if not x.is_floating_point() or x.dim() < 1:
@@ -142,7 +163,7 @@ def quantize(x: Tensor, global_scale: Tensor | None = None, *, name: str = "x") 
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} holds NaN or Inf; NVFP4 cannot encode it")
     x32 = x.float()
-    gs = global_encode_scale(x32) if global_scale is None else _check_global_scale(global_scale, x.device)
+    gs = global_encode_scale(x32) if global_scale is None else _check_global_scale(global_scale, x)
 
     k = x.shape[-1]
     padded_k = padded_size(k)
@@ -165,6 +186,7 @@ def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     q = signed_grid[unpack_nibbles(t.packed).long()]
     # q: [..., Kp/16, 16] times s: [..., Kp/16, 1]; the product is exact (2 x 4 significant bits).
     q_blocks = q.reshape(*t.block_scale.shape, BLOCK_SIZE)
-    x_hat = (q_blocks * t.block_scale.float().unsqueeze(-1)) / t.global_scale
+    gs = t.global_scale if t.global_scale.dim() == 0 else t.global_scale.unsqueeze(-1)  # [..., 1, 1] per row
+    x_hat = (q_blocks * t.block_scale.float().unsqueeze(-1)) / gs
     padded_k = t.packed.shape[-1] * 2
     return x_hat.reshape(*t.packed.shape[:-1], padded_k)[..., : t.shape[-1]].to(dtype)

@@ -128,6 +128,11 @@ class KVTransport(Protocol):
         """Notifications received since the last call, as (peer name, message), oldest first."""
         ...
 
+    def send_notification(self, peer: str, msg: bytes) -> None:
+        """Deliver `msg` to a known peer without moving data (e.g. "release these blocks" after a
+        failed pull). Raises KVTransferError if the peer is unknown or unreachable."""
+        ...
+
     def close(self) -> None:
         """Release every resource; the transport is unusable afterwards."""
         ...

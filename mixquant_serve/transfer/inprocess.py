@@ -157,6 +157,15 @@ class InProcessTransport:
             seconds=time.perf_counter() - started,
         )
 
+    def send_notification(self, peer: str, msg: bytes) -> None:
+        check_notify_msg(msg)
+        self._check_open()
+        with self._lock:
+            target = self._peers.get(peer)
+        if target is None or target._closed:
+            raise KVTransferError(f"{self.name}: cannot notify {peer!r}: unknown or closed peer")
+        target._deliver(self.name, msg)
+
     def get_notifications(self) -> list[tuple[str, bytes]]:
         with self._lock:
             received, self._inbox = self._inbox, []

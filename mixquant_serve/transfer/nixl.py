@@ -411,6 +411,14 @@ class NixlTransport:
 
     # notifications and shutdown -------------------------------------------------------------
 
+    def send_notification(self, peer: str, msg: bytes) -> None:
+        check_notify_msg(msg)
+        with self._lock:
+            agent = self._open_agent()
+            if peer not in self._peers:
+                raise KVTransferError(f"{self.name}: cannot notify {peer!r}: unknown peer; call add_peer first")
+            self._nixl("genNotif", lambda: agent.genNotif(peer, msg))
+
     def get_notifications(self) -> list[tuple[str, bytes]]:
         with self._lock:
             agent = self._open_agent()

@@ -50,6 +50,8 @@ def cases():
     yield "zero row and zero block", zeros, None
     yield "all zeros", torch.zeros(2, 20), None
     yield "saturating calibrated scale", torch.randn(3, 50, generator=g), torch.tensor(5000.0)
+    rows = torch.randn(4, 72, generator=g) * torch.tensor([[1e-4], [1.0], [300.0], [0.0]])
+    yield "per-row global scales", rows, nvfp4.row_encode_scales(rows)
     # with gs = 6 the block scale before rounding is the block amax: put e4m3 ties there
     ties = torch.tensor([1.0625, 1.1875, 17.0, 19.0, 232.0, 432.0, 464.0, 2.0**-10, 3 * 2.0**-10, 5 * 2.0**-10])
     tie_blocks = torch.zeros(2, len(ties), 16)

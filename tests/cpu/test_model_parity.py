@@ -108,3 +108,30 @@ def test_generate_command_prints_only_the_text(bundled, hf_model, model_cache_di
     assert run("bf16") == expected + "\n"
     quantized = run("nvfp4")
     assert quantized.strip(), "nvfp4 prefill produced no text"
+
+
+def test_shared_long_prefix_is_reused_with_the_same_greedy_output(bundled):
+    """Two turns of one agent: the second reuses the first's blocks on both pools, output unchanged."""
+    tool_result = " ".join(f"row {i}: sensor-{i % 7} reads {i * 13 % 101} degrees;" for i in range(40))
+    history = [
+        {"role": "system", "content": "You are a monitoring agent. Answer briefly."},
+        {"role": "user", "content": f"Tool output:\n{tool_result}"},
+    ]
+    first = chat_ids(bundled, "x")  # warm nothing: a different prompt
+    turn1 = bundled.tokenizer.apply_chat_template(history + [{"role": "user", "content": "Which sensor reads 0?"}])
+    turn2 = bundled.tokenizer.apply_chat_template(history + [{"role": "user", "content": "What does row 3 read?"}])
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+
+    cold, _ = build_local_pipeline(BUNDLED, "nvfp4", CPU, EngineConfig(), 0, loaded=bundled)
+    expected = cold.generate(turn2, greedy)
+    assert expected.report.cached_tokens_decode == 0 and expected.report.cached_tokens_prefill == 0
+
+    warm, _ = build_local_pipeline(BUNDLED, "nvfp4", CPU, EngineConfig(), 0, loaded=bundled)
+    warm.generate(first, greedy)
+    warm.generate(turn1, greedy)
+    again = warm.generate(turn2, greedy)
+    shared = next(i for i, (a, b) in enumerate(zip(turn1, turn2)) if a != b)
+    assert shared > 400
+    assert again.report.cached_tokens_decode == shared // 16 * 16
+    assert again.report.cached_tokens_prefill == shared // 16 * 16
+    assert again.token_ids == expected.token_ids

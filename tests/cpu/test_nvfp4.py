@@ -235,3 +235,22 @@ def test_random_inputs_match_ml_dtypes(dtype: torch.dtype) -> None:
         check_against_ml_dtypes(near_ties(16, seed).to(dtype))
         # a calibrated scale too large for the data: block scales clamp at 448 and values saturate
         check_against_ml_dtypes(gaussian.to(dtype), torch.tensor(5000.0))
+
+
+def test_per_row_global_scale_quantizes_each_row_as_if_alone():
+    """Activations use one global scale per token: a token's bits never depend on its batch."""
+    x = torch.randn(5, 40) * torch.tensor([[1e-3], [1.0], [10.0], [100.0], [0.0]])
+    gs = nvfp4.row_encode_scales(x)
+    assert gs.shape == (5, 1)
+    together = nvfp4.quantize(x, gs)
+    decoded = nvfp4.dequantize(together)
+    for row in range(5):
+        alone = nvfp4.quantize(x[row : row + 1])
+        assert torch.equal(together.packed[row], alone.packed[0]), row
+        assert torch.equal(together.block_scale[row].view(torch.uint8), alone.block_scale[0].view(torch.uint8)), row
+        assert torch.equal(decoded[row], nvfp4.dequantize(alone)[0]), row
+    # a per-tensor scale, by contrast, ties the small rows to the largest row's amax
+    per_tensor = nvfp4.quantize(x)
+    assert not torch.equal(per_tensor.packed[0], together.packed[0])
+    with pytest.raises(ValueError, match="global_scale"):
+        nvfp4.quantize(x, torch.ones(4, 1))

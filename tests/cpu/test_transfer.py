@@ -147,6 +147,15 @@ def test_read_copies_blocks_exactly_and_notifies_source(pair: Pair) -> None:
     assert pair.dest.get_notifications() == []
 
 
+def test_send_notification_reaches_the_peer_without_moving_data(pair: Pair) -> None:
+    dest_before = pair.dest_cache.clone()
+    pair.dest.send_notification(pair.source.name, b"release req-9")
+    assert wait_for_notifications(pair.source, 1) == [(pair.dest.name, b"release req-9")]
+    assert torch.equal(pair.dest_cache, dest_before)
+    with pytest.raises(KVTransferError):
+        pair.dest.send_notification("nobody", b"x")
+
+
 def test_peer_refresh_after_source_restart(pair: Pair, kind: str) -> None:
     pair.dest.read_blocks(pair.source.name, [1], [1], b"before", TIMEOUT_S)
     restarted = pair.restart_source(random_cache(NUM_SOURCE_BLOCKS, seed=3))

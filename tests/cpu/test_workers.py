@@ -14,12 +14,13 @@ from mixquant_serve.engine.prefill_engine import PrefillEngine
 from mixquant_serve.engine.sampling import SamplingParams
 from mixquant_serve.model.loader import load_model
 from mixquant_serve.protocol import GenerateRequest
+from mixquant_serve.transfer.base import KVTransferError
 from mixquant_serve.transfer.nixl import NixlTransport
 from workers.decode import DecodeParts, DecodeSettings, DecodeWorker
 from workers.prefill import PrefillParts, PrefillWorker
 
 CPU = torch.device("cpu")
-ENGINE = EngineConfig(block_size=4, num_kv_blocks=64, kv_lease_seconds=2.0)
+ENGINE = EngineConfig(block_size=4, num_kv_blocks=64, kv_lease_seconds=30.0)
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
@@ -125,7 +126,7 @@ def test_pull_failure_falls_back_and_prefill_releases(tiny):
             if not prefill.engine.pinned:
                 break
             await asyncio.sleep(0.02)
-        assert not prefill.engine.pinned  # released by the decode side's release call
+        assert not prefill.engine.pinned  # released by the decode side's notification, before the lease
 
     asyncio.run(main())
 
@@ -139,5 +140,26 @@ def test_cancelled_stream_frees_decode_blocks(tiny):
         await stream.aclose()
         assert decode.engine.core.block_manager.num_used_blocks == 0
         assert not decode.engine.has_unfinished()
+
+    asyncio.run(main())
+
+
+def test_unreachable_prefill_replica_blocks_return_at_lease_expiry(tiny):
+    """The pull fails and the release notification cannot be sent: the lease frees the blocks."""
+    def fault(point):
+        if point == "before_read":
+            raise RuntimeError("link down")
+
+    async def main():
+        prefill, decode = make_workers(tiny, fault=fault)
+        decode.transport.send_notification = lambda peer, msg: (_ for _ in ()).throw(KVTransferError("unreachable"))
+        _, last = await collect(decode, GenerateRequest("r1", "s1", prompt_of(25, seed=4), GREEDY))
+        assert last.stats.prefill == "local"
+        assert prefill.engine.pinned  # still pinned: nobody told it
+        import time
+
+        prefill.engine.expire_leases(time.monotonic() + 31.0)
+        assert not prefill.engine.pinned
+        assert prefill.engine.core.block_manager.num_used_blocks == 0
 
     asyncio.run(main())
