@@ -107,13 +107,15 @@ def format_linears(results: dict[str, object]) -> str:
              f" | err fp8 / nvfp4"]
     for row in results["shapes"]:
         ms, tf, speed, err = row["ms"], row["tflops"], row["speedup_vs_bf16"], row["relative_error_vs_reference"]
-        lines.append(f"{row['shape']:<16}{row['m']:>6}{row['n']:>7}{row['k']:>7} | {ms['bf16']:>8.3f}{tf['bf16']:>6.0f} | "
+        lines.append(f"{row['shape']:<16}{row['m']:>6}{row['n']:>7}{row['k']:>7} | "
+                     f"{ms['bf16']:>8.3f}{tf['bf16']:>6.0f} | "
                      f"{ms['fp8']:>7.3f}{speed['fp8']:>7.2f}{ms['fp8_quantize']:>7.3f}{tf['fp8_gemm']:>9.0f} | "
                      f"{ms['nvfp4']:>9.3f}{speed['nvfp4']:>7.2f}{ms['nvfp4_quantize']:>7.3f}{tf['nvfp4_gemm']:>11.0f}"
                      f" | {err['fp8']:.1e} / {err['nvfp4']:.1e}")
     lines.append("NVFP4 GEMM decoders at one tile " + str(DECODER_COMPARISON_CONFIG))
     for row in results["nvfp4_decoders"]:
         lines.append(f"  {row['shape']:<12} M={row['m']} N={row['n']} K={row['k']}: ptx {row['ptx_ms']:.3f} ms "
-                     f"({row['ptx_tflops']:.0f} TF/s), arith {row['arith_ms']:.3f} ms ({row['arith_tflops']:.0f} TF/s), "
+                     f"({row['ptx_tflops']:.0f} TF/s), arith {row['arith_ms']:.3f} ms "
+                     f"({row['arith_tflops']:.0f} TF/s), "
                      f"max |diff| {row['max_abs_difference']:.2e}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -34,6 +35,17 @@ def event_times_ms(fn: Callable[[], object], warmup: int, repeats: int) -> list[
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def enqueue_ms(fn: Callable[[], object]) -> float:
+    """Host time to issue fn's work (no synchronization inside): close to its device time means the
+    device waits on the host (launch-bound)."""
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    return (issued - started) * 1e3
 
 
 def card() -> dict[str, object]:

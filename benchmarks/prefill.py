@@ -1,6 +1,6 @@
 """Prefill speed of synthetic Llama-3.1-8B in bf16, fp8 and nvfp4, measured side by side in one run.
 
-    python -m benchmarks.prefill [--lengths 2048 8192 32768] [--repeats 3] [--json prefill.json]
+    python -m benchmarks.prefill [--lengths 2048 8192 32768] [--repeats 3] [--json prefill.json] [--skip-linears]
 
 One process loads the model once, prepared for all three precisions (the linears keep a bf16, an
 fp8 and an NVFP4 copy of each weight), then for each prompt length runs a single-sequence prefill
@@ -9,6 +9,12 @@ head) in each precision, timed with CUDA events after a warm-up (which also auto
 GEMM for the length). Before that it measures the card's ceilings (matmul peak per precision,
 copy bandwidth) and the per-linear micro-benchmark, so every ratio in the printed tables and the
 JSON comes from one run on one card.
+
+Attention is timed on its own too (`attention_probe`): model/attention.py calls SDPA on 3-D
+tensors, which PyTorch 2.11 runs on the math backend (it materializes the T x T scores: out of
+memory at 32K tokens); the probe times that call and the same call with a batch dim (4-D, which
+the flash backend takes), and each prefill row carries the forward time estimated with the 4-D
+call. An out-of-memory prefill is recorded as such and the run goes on.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks.linears import format_linears, run_linears
-from benchmarks.measure import card, copy_bandwidth, event_times_ms, matmul_ceilings, median
+from benchmarks.measure import card, copy_bandwidth, enqueue_ms, event_times_ms, matmul_ceilings, median, median_ms
 from mixquant_serve.engine.kv_cache import allocate_kv_cache
 from mixquant_serve.model.attention import AttentionMetadata
 from mixquant_serve.model.llama import LlamaForCausalLM
@@ -65,43 +72,109 @@ def prefill_runner(model: LlamaForCausalLM, cache: torch.Tensor, tokens: int, pr
     return run
 
 
+def attention_probe(model: LlamaForCausalLM, tokens: int, device: torch.device) -> dict[str, object]:
+    """One layer's causal attention timed as model/attention.py calls SDPA (3-D [heads, T, D] with
+    enable_gqa) and with a batch dim added (4-D, the shape the flash backend accepts), with the
+    peak memory of each: how much of the prefill is attention, and what a 4-D call would save."""
+    config = model.config
+    # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim], as the model holds them
+    q = torch.randn(tokens, config.num_heads, config.head_dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(tokens, config.num_kv_heads, config.head_dim, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    calls = {
+        "as_model_3d": lambda: F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                              is_causal=True, enable_gqa=True),
+        "batched_4d": lambda: F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                             v.transpose(0, 1)[None], is_causal=True, enable_gqa=True),
+    }
+    result: dict[str, object] = {"tokens": tokens, "flop": attention_flops(model, tokens) // config.num_layers}
+    for name, call in calls.items():
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            call()
+            result[f"{name}_ms"] = median_ms(call)
+            result[f"{name}_peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            result[f"{name}_tflops"] = result["flop"] / result[f"{name}_ms"] / 1e9
+        except torch.OutOfMemoryError:
+            result[f"{name}_error"] = "out of memory"
+    return result
+
+
 def bench_prefill(model: LlamaForCausalLM, lengths: list[int], repeats: int, device: torch.device,
-                  matmul_peak: dict[str, float]) -> list[dict[str, object]]:
+                  matmul_peak: dict[str, float]) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     cache = allocate_kv_cache(model.config, -(-max(lengths) // BLOCK_SIZE), BLOCK_SIZE, torch.bfloat16, device)
     per_token = linear_flops_per_token(model)
-    rows = []
+    rows, probes = [], []
     for tokens in lengths:
+        probe = attention_probe(model, tokens, device)
+        probes.append(probe)
+        attention_saving_ms = (model.config.num_layers * (probe["as_model_3d_ms"] - probe["batched_4d_ms"])
+                               if "as_model_3d_ms" in probe and "batched_4d_ms" in probe else None)
         outputs, bf16_ms = {}, None
         for precision in PRECISIONS:
             run = prefill_runner(model, cache, tokens, precision, device)
-            times = event_times_ms(run, warmup=2, repeats=repeats)
+            try:
+                times = event_times_ms(run, warmup=2, repeats=repeats)
+                host_ms = enqueue_ms(run)
+                outputs[precision] = run()[-1].float()
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                rows.append({"tokens": tokens, "precision": precision, "error": "out of memory"})
+                continue
             ms = median(times)
             bf16_ms = ms if precision == "bf16" else bf16_ms
-            outputs[precision] = run()[-1].float()
             linear_flops, attn_flops = per_token * tokens, attention_flops(model, tokens)
-            rows.append({
-                "tokens": tokens, "precision": precision, "ms": ms, "all_ms": times,
-                "tokens_per_s": tokens / ms * 1e3, "speedup_vs_bf16": bf16_ms / ms,
+            row = {
+                "tokens": tokens, "precision": precision, "ms": ms, "all_ms": times, "host_enqueue_ms": host_ms,
+                "tokens_per_s": tokens / ms * 1e3,
+                "speedup_vs_bf16": bf16_ms / ms if bf16_ms is not None else None,
                 "linear_tflop": linear_flops / 1e12, "attention_tflop": attn_flops / 1e12,
                 "model_tflops": (linear_flops + attn_flops) / ms / 1e9,
-                "linear_tflops_if_all_time_were_linears": linear_flops / ms / 1e9,
                 "matmul_peak_tflops": matmul_peak[precision],
-            })
+            }
+            if attention_saving_ms is not None:
+                # What the forward would take with the 4-D (flash) attention call: an estimate, not a run.
+                row["ms_with_4d_attention_estimate"] = ms - attention_saving_ms
+            rows.append(row)
         # Sanity: the quantized prefills see the same prompt and stay near bf16 (random weights).
         for precision in ("fp8", "nvfp4"):
-            cosine = torch.nn.functional.cosine_similarity(outputs[precision], outputs["bf16"], dim=0).item()
-            next(r for r in rows if r["tokens"] == tokens and r["precision"] == precision)["last_hidden_cosine_vs_bf16"] = cosine
-    return rows
+            if precision in outputs and "bf16" in outputs:
+                cosine = F.cosine_similarity(outputs[precision], outputs["bf16"], dim=0).item()
+                row = next(r for r in rows if r["tokens"] == tokens and r["precision"] == precision)
+                row["last_hidden_cosine_vs_bf16"] = cosine
+        bf16_estimate = next((r.get("ms_with_4d_attention_estimate") for r in rows
+                              if r["tokens"] == tokens and r["precision"] == "bf16"), None)
+        for r in rows:
+            if r["tokens"] == tokens and bf16_estimate is not None and "ms_with_4d_attention_estimate" in r:
+                r["speedup_vs_bf16_with_4d_attention_estimate"] = bf16_estimate / r["ms_with_4d_attention_estimate"]
+    return rows, probes
 
 
-def format_prefill(rows: list[dict[str, object]], weights: dict[str, int]) -> str:
-    lines = [f"{'tokens':>7} {'precision':<9}{'ms':>9}{'tokens/s':>11}{'x bf16':>8}{'model TF/s':>11}"
-             f"{'peak TF/s':>10}{'cos(bf16)':>10}"]
+def format_prefill(rows: list[dict[str, object]], probes: list[dict[str, object]], weights: dict[str, int]) -> str:
+    lines = [f"{'tokens':>7} {'precision':<9}{'ms':>9}{'host ms':>9}{'tokens/s':>11}{'x bf16':>8}{'model TF/s':>11}"
+             f"{'peak TF/s':>10}{'cos(bf16)':>10} | est. with 4-D attention: {'ms':>8}{'x bf16':>8}"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['tokens']:>7} {r['precision']:<9} {r['error']}")
+            continue
         cosine = r.get("last_hidden_cosine_vs_bf16")
-        lines.append(f"{r['tokens']:>7} {r['precision']:<9}{r['ms']:>9.1f}{r['tokens_per_s']:>11.0f}"
-                     f"{r['speedup_vs_bf16']:>8.2f}{r['model_tflops']:>11.0f}{r['matmul_peak_tflops']:>10.0f}"
-                     f"{'' if cosine is None else f'{cosine:.4f}':>10}")
+        estimate = r.get("ms_with_4d_attention_estimate")
+        ratio = r.get("speedup_vs_bf16_with_4d_attention_estimate")
+        lines.append(f"{r['tokens']:>7} {r['precision']:<9}{r['ms']:>9.1f}{r['host_enqueue_ms']:>9.1f}"
+                     f"{r['tokens_per_s']:>11.0f}{r['speedup_vs_bf16']:>8.2f}{r['model_tflops']:>11.0f}"
+                     f"{r['matmul_peak_tflops']:>10.0f}{'' if cosine is None else f'{cosine:.4f}':>10} | "
+                     f"{'' if estimate is None else f'{estimate:.1f}':>32}{'' if ratio is None else f'{ratio:.2f}':>8}")
+    for p in probes:
+        parts = [f"attention one layer, {p['tokens']} tokens:"]
+        for name in ("as_model_3d", "batched_4d"):
+            if f"{name}_ms" in p:
+                parts.append(f"{name} {p[f'{name}_ms']:.2f} ms ({p[f'{name}_tflops']:.0f} TF/s, "
+                             f"+{p[f'{name}_peak_extra_gib']:.1f} GiB)")
+            else:
+                parts.append(f"{name} {p.get(f'{name}_error')}")
+        lines.append(" ".join(parts))
     lines.append("block-linear weight memory: " + ", ".join(
         f"{p} {weights[p] / 2**30:.2f} GiB ({weights[p] / weights['bf16']:.3f}x bf16)" for p in PRECISIONS))
     return "\n".join(lines)
@@ -111,6 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="prompt lengths")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills per length and precision")
+    parser.add_argument("--skip-linears", action="store_true", help="skip the per-linear micro-benchmark")
     parser.add_argument("--json", type=Path, default=Path("prefill.json"), help="where to write all results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -124,13 +198,15 @@ def main() -> None:
     for c in results["matmul_ceilings"]:
         print(f"ceiling {c['op']:<24} {c['m']}x{c['n']}x{c['k']}: {c['tflops']:.0f} TFLOP/s", flush=True)
     print(f"ceiling copy: {results['copy']['tb_per_s']:.2f} TB/s (read + write)", flush=True)
-    peak = {c["op"].split()[0]: c["tflops"] for c in results["matmul_ceilings"] if (c["m"], c["n"], c["k"]) == (8192, 4096, 4096)}
+    peak = {c["op"].split()[0]: c["tflops"] for c in results["matmul_ceilings"]
+            if (c["m"], c["n"], c["k"]) == (8192, 4096, 4096)}
     # nvfp4 runs on fp16 tensor cores on sm_90: its peak is the fp16 product's
     matmul_peak = {"bf16": peak["bf16"], "fp8": peak["fp8"], "nvfp4": peak["fp16"]}
 
-    results["linears"] = run_linears(device)
-    print(format_linears(results["linears"]), flush=True)
-    args.json.write_text(json.dumps(results, indent=1))
+    if not args.skip_linears:
+        results["linears"] = run_linears(device)
+        print(format_linears(results["linears"]), flush=True)
+        args.json.write_text(json.dumps(results, indent=1))
 
     started = time.perf_counter()
     loaded = load_model(MODEL, device, torch.bfloat16, set(PRECISIONS), progress=False)
@@ -139,10 +215,10 @@ def main() -> None:
     results["block_linear_weight_bytes"] = weights
     print(f"loaded {MODEL} for {PRECISIONS} in {results['load_seconds']:.0f} s, "
           f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
-    results["prefill"] = bench_prefill(loaded.model, args.lengths, args.repeats, device, matmul_peak)
-    results["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    results["prefill"], results["attention"] = bench_prefill(loaded.model, args.lengths, args.repeats, device,
+                                                             matmul_peak)
     args.json.write_text(json.dumps(results, indent=1))
-    print(format_prefill(results["prefill"], weights), flush=True)
+    print(format_prefill(results["prefill"], results["attention"], weights), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ Measured on an H200 at 8192 x 14336 x 4096: 334 TFLOP/s with the PTX decoder, 19
 arithmetic one, against 695 for the bf16 cuBLAS GEMM (docs/perf-notes.md).
 
 The global scales are applied as the fp32 tensor `alpha` = 1 / (gs_a * gs_w), computed on the
-device: no host sync; a NaN activation scale (non-finite input) makes the output NaN.
+device: no host sync; a NaN activation scale (non-finite input) makes the output NaN. Activations
+quantized with one global scale per row (what QuantLinear does, so a token's result does not depend
+on its batch) give one alpha per output row.
 """
 
 from dataclasses import dataclass
@@ -174,7 +176,7 @@ def _nvfp4_gemm_kernel(
     a_scale_ptr,  # [M, NUM_BLOCKS] uint8 (E4M3 bits)
     w_ptr,  # [N, NUM_BLOCKS * 8] uint8, packed weights
     w_scale_ptr,  # [N, NUM_BLOCKS] uint8 (E4M3 bits)
-    alpha_ptr,  # [1] fp32: 1 / (gs_a * gs_w)
+    alpha_ptr,  # [1] or [M] fp32: 1 / (gs_a * gs_w), per row when activations have per-row scales
     bias_ptr,  # [N] or unused
     out_ptr,  # [M, N], row stride stride_out
     M,
@@ -184,6 +186,7 @@ def _nvfp4_gemm_kernel(
     stride_out,
     HAS_BIAS: tl.constexpr,
     DECODE_WITH_PTX: tl.constexpr,
+    ALPHA_PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -244,7 +247,10 @@ def _nvfp4_gemm_kernel(
         a_scale_ptrs += SCALE_BLOCKS
         w_scale_ptrs += SCALE_BLOCKS
 
-    out = acc * tl.load(alpha_ptr)
+    if ALPHA_PER_ROW:
+        out = acc * tl.load(alpha_ptr + a_rows)[:, None]  # a_rows: clamped, so tail rows read a valid entry
+    else:
+        out = acc * tl.load(alpha_ptr)
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
@@ -272,7 +278,7 @@ def _configs_for_m(configs: list[triton.Config], named_args: dict, **kwargs: obj
 _fixed_kernel = triton.heuristics({"EVEN_K": _even_k})(_nvfp4_gemm_kernel)
 _autotuned_kernel = triton.autotune(
     configs=_SMALL_M_TRITON_CONFIGS + _LARGE_M_TRITON_CONFIGS,
-    key=["M_BUCKET", "N", "NUM_BLOCKS", "HAS_BIAS", "DECODE_WITH_PTX"],
+    key=["M_BUCKET", "N", "NUM_BLOCKS", "HAS_BIAS", "DECODE_WITH_PTX", "ALPHA_PER_ROW"],
     prune_configs_by={"early_config_prune": _configs_for_m},
 )(_fixed_kernel)
 
@@ -289,8 +295,10 @@ def _check_operand(name: str, packed: torch.Tensor, block_scale: torch.Tensor, g
             or not block_scale.is_contiguous()):
         raise ValueError(f"{name}_block_scale must be a contiguous float8_e4m3fn tensor of shape {expected}, got "
                          f"{block_scale.dtype} {tuple(block_scale.shape)}")
-    if global_scale.dtype != torch.float32 or global_scale.numel() != 1:
-        raise ValueError(f"{name}_global_scale must be a one-element float32 tensor, got {global_scale.dtype} "
+    per_row_ok = name == "a" and tuple(global_scale.shape) == (packed.shape[0], 1)
+    if global_scale.dtype != torch.float32 or not (global_scale.numel() == 1 or per_row_ok):
+        allowed = f"one element or shape ({packed.shape[0]}, 1)" if name == "a" else "one element"
+        raise ValueError(f"{name}_global_scale must be a float32 tensor of {allowed}, got {global_scale.dtype} "
                          f"{tuple(global_scale.shape)}")
     if not (packed.device == block_scale.device == global_scale.device):
         raise ValueError(f"{name}_packed, {name}_block_scale and {name}_global_scale must be on one device")
@@ -336,8 +344,9 @@ def nvfp4_gemm(
         return out
     if num_blocks == 0:
         return out.zero_() if bias is None else out.copy_(bias.to(out_dtype).expand(m, n))
-    # alpha: [1] fp32 on the device, no host sync
-    alpha = torch.reciprocal(a_global_scale.reshape(1) * w_global_scale.reshape(1))
+    # alpha: [1] or [M] fp32 on the device, no host sync
+    alpha_per_row = a_global_scale.numel() != 1
+    alpha = torch.reciprocal(a_global_scale.reshape(-1) * w_global_scale.reshape(1)).contiguous()
     args = (a_packed, a_block_scale.view(torch.uint8), w_packed, w_block_scale.view(torch.uint8), alpha,
             bias if bias is not None else alpha, out, m, n, num_blocks, m_bucket(m), out.stride(0))
 
@@ -345,9 +354,11 @@ def nvfp4_gemm(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     if config is None:
-        _autotuned_kernel[grid](*args, HAS_BIAS=bias is not None, DECODE_WITH_PTX=decode_with_ptx)
+        _autotuned_kernel[grid](*args, HAS_BIAS=bias is not None, DECODE_WITH_PTX=decode_with_ptx,
+                                ALPHA_PER_ROW=alpha_per_row)
     else:
         _fixed_kernel[grid](*args, HAS_BIAS=bias is not None, DECODE_WITH_PTX=decode_with_ptx,
+                            ALPHA_PER_ROW=alpha_per_row,
                             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                             GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
     return out

@@ -12,16 +12,18 @@ Quantized forwards are W8A8 / W4A4: activations are quantized per call (fp8: a s
 nvfp4: a dynamic per-tensor global scale and 16-element block scales), then multiplied.
 `select_backend` is the one place that decides how that multiply runs on a device:
 
-| precision | CUDA                                                              | CPU, other devices |
-| --------- | ----------------------------------------------------------------- | ------------------ |
-| fp8       | sm_89+: `scaled_mm_fp8_linear` (Triton per-token quantize + torch._scaled_mm, row-wise scales); older: reference | reference |
-| nvfp4     | sm_80+: `triton_nvfp4_linear` (Triton quantize + Triton GEMM decoding packed NVFP4 to fp16 tensor-core MMA); older: reference | reference |
+- fp8 on CUDA sm_89+: `scaled_mm_fp8_linear` (Triton per-token quantize + torch._scaled_mm with
+  row-wise scales); bf16 activations only, other dtypes and unaligned shapes take the reference.
+- nvfp4 on CUDA sm_80+: `triton_nvfp4_linear` (Triton quantize + Triton GEMM that decodes packed
+  NVFP4 in registers to fp16 tensor-core MMA).
+- everything else (CPU, older GPUs): `reference_linear`.
 
 `reference_linear` dequantizes both operands to fp32 and multiplies in fp32: the numerics every
 backend matches up to accumulation order. Native FP4 on sm_100+ (torch._scaled_mm with
 float4_e2m1fn_x2 and blocked scales) is not implemented: those GPUs run the Triton NVFP4 GEMM.
 """
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -142,13 +144,19 @@ def select_backend(precision: Precision, device: torch.device) -> LinearBackend:
         raise ValueError(f"precision must be one of {QUANTIZED_PRECISIONS}, got {precision!r}")
     if device.type != "cuda":
         return reference_linear
-    capability = torch.cuda.get_device_capability(device)
+    capability = _cuda_capability(torch.cuda.current_device() if device.index is None else device.index)
     if precision == "fp8":
         return scaled_mm_fp8_linear if capability >= FP8_SCALED_MM_MIN_CAPABILITY else reference_linear
     if capability >= NATIVE_FP4_MIN_CAPABILITY:
         # Native FP4 through torch._scaled_mm is not implemented yet; the Triton GEMM is correct there too.
         return triton_nvfp4_linear
     return triton_nvfp4_linear if capability >= TRITON_NVFP4_MIN_CAPABILITY else reference_linear
+
+
+@functools.cache
+def _cuda_capability(device_index: int) -> tuple[int, int]:
+    """Cached: select_backend runs on every quantized forward, and the lookup costs host time."""
+    return torch.cuda.get_device_capability(device_index)
 
 
 def scaled_mm_fp8_linear(x: Tensor, layer: "QuantLinear", precision: Precision) -> Tensor:
@@ -197,6 +205,10 @@ def triton_nvfp4_linear(x: Tensor, layer: "QuantLinear", precision: Precision) -
 def quantize_activation(x: Tensor, precision: Precision) -> NVFP4Tensor | FP8Tensor:
     """Dynamic activation quantization, x: [tokens, in_features].
 
+    nvfp4 uses one global scale per token (nvfp4.row_encode_scales), fp8 one scale per token: a
+    token's quantized activations never depend on the other tokens of its forward, so prefix-cached
+    KV, chunked prefill and batched requests all give the same bits as a request alone.
+
     nvfp4 on CUDA runs the Triton kernel, bit-identical to the reference; it skips the NaN/Inf scan
     (a host sync per layer), and non-finite activations decode to NaN instead of raising.
     """
@@ -208,10 +220,10 @@ def quantize_activation(x: Tensor, precision: Precision) -> NVFP4Tensor | FP8Ten
         # Imported here: Triton is present with CUDA builds of torch, not necessarily on CPU hosts.
         from kernels.nvfp4_quantize import nvfp4_quantize
 
-        global_scale = nvfp4.global_encode_scale(x)
+        global_scale = nvfp4.row_encode_scales(x)
         packed, block_scale = nvfp4_quantize(x.contiguous(), global_scale)
         return NVFP4Tensor(packed=packed, block_scale=block_scale, global_scale=global_scale, shape=x.shape)
-    return nvfp4.quantize(x, name="activation")
+    return nvfp4.quantize(x, nvfp4.row_encode_scales(x), name="activation")
 
 
 def reference_linear(x: Tensor, layer: QuantLinear, precision: Precision) -> Tensor:
