@@ -74,7 +74,9 @@ def _only_text_parts(content: Any) -> Any:
         for position, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind is not None and kind != "text":
-                raise ValueError(f"content part {position} has type {kind!r}; only 'text' parts are supported (text-only model)")
+                raise ValueError(
+                    f"content part {position} has type {kind!r}; only 'text' parts are supported (text-only model)"
+                )
     return content
 
 

@@ -86,6 +86,7 @@ logger = logging.getLogger(__name__)
 
 GenerateFn = Callable[[GenerateRequest], AsyncGenerator[GenerateChunk, None]]
 StatsFn = Callable[[], Awaitable[dict[str, Any]]]
+EventsFn = Callable[["Call", AsyncIterator[GenerateChunk]], AsyncGenerator[str, None]]  # a request's SSE events
 T = TypeVar("T")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -137,13 +138,19 @@ class ApiError(Exception):
     """An HTTP error with OpenAI's error body."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def body(self) -> dict[str, Any]:
-        return ErrorResponse(error=ErrorBody(message=self.message, type=self.kind, param=self.param, code=self.code)).model_dump()
+        body = ErrorBody(message=self.message, type=self.kind, param=self.param, code=self.code)
+        return ErrorResponse(error=body).model_dump()
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
@@ -155,7 +162,8 @@ class GenerationFailed(Exception):
 
 def generation_error(error: Exception) -> ApiError:
     detail = str(error) if isinstance(error, GenerationFailed) else f"{type(error).__name__}: {error}"
-    return ApiError(503, f"generation failed: {detail[:ERROR_DETAIL_CHARS]}", code="generation_failed", kind="server_error")
+    message = f"generation failed: {detail[:ERROR_DETAIL_CHARS]}"
+    return ApiError(503, message, code="generation_failed", kind="server_error")
 
 
 class ClientDisconnected(Exception):
@@ -213,49 +221,25 @@ class OpenAIServer:
     # ------------------------------------------------------------------------------------------ routes
 
     async def chat_completions(self, request: Request) -> Response:
-        try:
-            chat = validate(ChatCompletionRequest, await read_json_body(request, self.settings.max_body_bytes))
-            self._check_model(chat.model)
-            session_id = session_id_from(request)
-            prompt_ids = await self._tokenize_chat(chat)
-            call = self._admit(chat, "chatcmpl", session_id, prompt_ids, "messages")
-        except ApiError as error:
-            return error.response()
+        chat = validate(ChatCompletionRequest, await read_json_body(request, self.settings.max_body_bytes))
+        self._check_model(chat.model)
+        session_id = session_id_from(request)
+        prompt_ids = await self._tokenize_chat(chat)
+        call = self._admit(chat, "chatcmpl", session_id, prompt_ids, "messages")
         if chat.stream:
             return await self._start_stream(request, call, functools.partial(self._chat_events, chat))
-        stream = self.generate(call.request)
-        try:
-            text, last = await unless_disconnected(request, collect(stream))
-        except ClientDisconnected:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        except Exception as error:
-            logger.warning("%s failed: %r", call.id, error)
-            return generation_error(error).response()
-        finally:
-            await close_quietly(stream)
+        text, last = await self._generate_all(request, call)
         return JSONResponse(self._chat_response(chat, call, text, last).model_dump(mode="json"), headers=call.headers())
 
     async def completions(self, request: Request) -> Response:
-        try:
-            completion = validate(CompletionRequest, await read_json_body(request, self.settings.max_body_bytes))
-            self._check_model(completion.model)
-            session_id = session_id_from(request)
-            prompt_ids = await self._tokenize_prompt(completion.prompt)
-            call = self._admit(completion, "cmpl", session_id, prompt_ids, "prompt")
-        except ApiError as error:
-            return error.response()
+        completion = validate(CompletionRequest, await read_json_body(request, self.settings.max_body_bytes))
+        self._check_model(completion.model)
+        session_id = session_id_from(request)
+        prompt_ids = await self._tokenize_prompt(completion.prompt)
+        call = self._admit(completion, "cmpl", session_id, prompt_ids, "prompt")
         if completion.stream:
             return await self._start_stream(request, call, self._completion_events)
-        stream = self.generate(call.request)
-        try:
-            text, last = await unless_disconnected(request, collect(stream))
-        except ClientDisconnected:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        except Exception as error:
-            logger.warning("%s failed: %r", call.id, error)
-            return generation_error(error).response()
-        finally:
-            await close_quietly(stream)
+        text, last = await self._generate_all(request, call)
         response = CompletionResponse(
             id=call.id,
             created=call.created,
@@ -275,7 +259,7 @@ class OpenAIServer:
 
     async def stats(self, request: Request) -> Response:
         if self.stats_hook is None:
-            return ApiError(404, "no stats source is configured", code="not_found").response()
+            raise ApiError(404, "no stats source is configured", code="not_found")
         return JSONResponse(await self.stats_hook())
 
     # ------------------------------------------------------------------------------------------ admission
@@ -284,14 +268,16 @@ class OpenAIServer:
         if model != self.settings.model_name:
             raise ApiError(
                 404,
-                f"model: {model!r} is not served here; this server serves {self.settings.model_name!r} (see /v1/models)",
+                f"model: {model!r} is not served here; this server serves {self.settings.model_name!r} "
+                "(see /v1/models)",
                 param="model",
                 code="model_not_found",
             )
 
     async def _tokenize_chat(self, chat: ChatCompletionRequest) -> list[int]:
         if self.tokenizer is None:
-            raise ApiError(400, "messages: this model has no tokenizer; send token ids to /v1/completions", param="messages")
+            message = "messages: this model has no tokenizer; send token ids to /v1/completions"
+            raise ApiError(400, message, param="messages")
         render = functools.partial(self.tokenizer.apply_chat_template, chat.template_messages(), chat.template_tools())
         try:
             return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, render)
@@ -302,7 +288,8 @@ class OpenAIServer:
         if isinstance(prompt, list) and isinstance(prompt[0], int):
             bad = next((token for token in prompt if not 0 <= token < self.vocab_size), None)
             if bad is not None:
-                raise ApiError(400, f"prompt: token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt")
+                message = f"prompt: token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+                raise ApiError(400, message, param="prompt")
             return list(prompt)
         if self.tokenizer is None:
             raise ApiError(400, "prompt: this model has no tokenizer; send a list of token ids", param="prompt")
@@ -331,8 +318,8 @@ class OpenAIServer:
         if room < 1:
             raise ApiError(
                 400,
-                f"{prompt_field}: the prompt has {num_prompt_tokens} tokens, which leaves no room for output within the "
-                f"model's context length of {context} tokens",
+                f"{prompt_field}: the prompt has {num_prompt_tokens} tokens, which leaves no room for output "
+                f"within the model's context length of {context} tokens",
                 param=prompt_field,
                 code="context_length_exceeded",
             )
@@ -344,8 +331,8 @@ class OpenAIServer:
         if requested > room:
             raise ApiError(
                 400,
-                f"{field}: {requested} output tokens plus the {num_prompt_tokens} prompt tokens of {prompt_field} exceed "
-                f"the model's context length of {context}; ask for at most {room} or shorten {prompt_field}",
+                f"{field}: {requested} output tokens plus the {num_prompt_tokens} prompt tokens of {prompt_field} "
+                f"exceed the model's context length of {context}; ask for at most {room} or shorten {prompt_field}",
                 param=field,
                 code="context_length_exceeded",
             )
@@ -353,7 +340,9 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------------------------------ responses
 
-    def _chat_response(self, chat: ChatCompletionRequest, call: Call, text: str, last: GenerateChunk) -> ChatCompletionResponse:
+    def _chat_response(
+        self, chat: ChatCompletionRequest, call: Call, text: str, last: GenerateChunk
+    ) -> ChatCompletionResponse:
         content: str | None = text
         calls: list[ToolCall] = []
         if chat.uses_tools:
@@ -361,11 +350,8 @@ class OpenAIServer:
             calls = limit_calls(parsed.tool_calls, chat.parallel_tool_calls)
             if calls:
                 content = parsed.content.strip() or None
-        message = ChatMessageOut(
-            content=content,
-            tool_calls=[ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls]
-            or None,
-        )
+        tool_calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls]
+        message = ChatMessageOut(content=content, tool_calls=tool_calls or None)
         return ChatCompletionResponse(
             id=call.id,
             created=call.created,
@@ -375,20 +361,34 @@ class OpenAIServer:
             mixquant=MixquantStats.from_stats(last.stats) if last.stats else None,
         )
 
-    async def _start_stream(
-        self, request: Request, call: Call, events: Callable[[Call, AsyncIterator[GenerateChunk]], AsyncGenerator[str, None]]
-    ) -> Response:
-        """Waits for the first chunk (errors before it are a 503), then streams `events` as SSE."""
+    async def _generate_all(self, request: Request, call: Call) -> tuple[str, GenerateChunk]:
+        """The whole output and the final chunk; 503 on failure, ClientDisconnected if the client leaves."""
         stream = self.generate(call.request)
         try:
-            first = await unless_disconnected(request, first_chunk(stream))
+            return await unless_disconnected(request, collect(stream))
         except ClientDisconnected:
+            raise
+        except Exception as error:
+            logger.warning("%s failed: %r", call.id, error)
+            raise generation_error(error) from None
+        finally:
             await close_quietly(stream)
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    async def _start_stream(self, request: Request, call: Call, events: EventsFn) -> Response:
+        """Waits for the first chunk (errors before it are a 503), then streams `events` as SSE."""
+        stream = self.generate(call.request)
+        streaming = False
+        try:
+            first = await unless_disconnected(request, first_chunk(stream))
+            streaming = True
+        except ClientDisconnected:
+            raise
         except Exception as error:
             logger.warning("%s failed before its first token: %r", call.id, error)
-            await close_quietly(stream)
-            return generation_error(error).response()
+            raise generation_error(error) from None
+        finally:
+            if not streaming:  # from here on the response owns the stream
+                await close_quietly(stream)
         return ClosingStreamingResponse(
             sse_with_errors(call, events(call, chunks_from(first, stream)), stream),
             media_type="text/event-stream",
@@ -472,7 +472,8 @@ async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
 
 
 def body_too_large(size: int, max_bytes: int) -> ApiError:
-    return ApiError(413, f"the request body ({size} bytes or more) exceeds the limit of {max_bytes} bytes", code="request_too_large")
+    message = f"the request body ({size} bytes or more) exceeds the limit of {max_bytes} bytes"
+    return ApiError(413, message, code="request_too_large")
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -507,7 +508,8 @@ def limit_calls(calls: list[ToolCall], parallel_tool_calls: bool | None) -> list
 
 def raise_if_failed(chunk: GenerateChunk) -> None:
     if chunk.finish_reason in FAILED_FINISH_REASONS:
-        raise GenerationFailed(chunk.error or f"the decode worker ended the request with finish_reason={chunk.finish_reason!r}")
+        reason = f"the decode worker ended the request with finish_reason={chunk.finish_reason!r}"
+        raise GenerationFailed(chunk.error or reason)
 
 
 async def collect(stream: AsyncIterator[GenerateChunk]) -> tuple[str, GenerateChunk]:
@@ -567,7 +569,7 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 async def close_quietly(stream: AsyncGenerator[Any, None]) -> None:
-    """Closes an async generator even inside a cancelled scope: for the generate stream, that frees the worker's blocks."""
+    """Closes an async generator even inside a cancelled scope (for the generate stream: frees the worker's blocks)."""
     with anyio.CancelScope(shield=True):
         try:
             await stream.aclose()
@@ -638,7 +640,9 @@ def chat_chunk_event(
     return sse(chunk_payload(chunk, call.include_usage))
 
 
-def completion_chunk_event(call: Call, text: str, finish_reason: str | None, mixquant: MixquantStats | None = None) -> str:
+def completion_chunk_event(
+    call: Call, text: str, finish_reason: str | None, mixquant: MixquantStats | None = None
+) -> str:
     chunk = CompletionResponse(
         id=call.id,
         created=call.created,
@@ -653,10 +657,13 @@ def completion_chunk_event(call: Call, text: str, finish_reason: str | None, mix
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Unknown routes, wrong methods and unexpected failures answer with OpenAI's error body too."""
+    """ApiError becomes its response; unknown routes, wrong methods and unexpected failures get OpenAI's body too."""
 
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
         return ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", code=None).response()
+
+    async def api_error(request: Request, error: ApiError) -> Response:
+        return error.response()
 
     async def client_gone(request: Request, error: ClientDisconnected) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -665,6 +672,7 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
         return ApiError(500, f"internal error: {type(error).__name__}", kind="server_error").response()
 
+    app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ClientDisconnected, client_gone)
     app.add_exception_handler(Exception, unexpected_error)

@@ -82,15 +82,17 @@ def paged_attention(
             first_query_position = context_len - query_len
             query_positions = torch.arange(first_query_position, context_len, device=q.device)
             mask = torch.arange(context_len, device=q.device)[None, :] <= query_positions[:, None]
+        # A leading batch dim of 1: with 3-D inputs CUDA SDPA falls back to its math kernel
+        # (55 ms instead of 0.95 ms a layer at 8K tokens on an H200, and O(n^2) memory).
         seq_out = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),  # [heads, query_len, head_dim]
-            seq_k.transpose(0, 1),  # [kv_heads, context_len, head_dim]
-            seq_v.transpose(0, 1),
+            q[start:end].transpose(0, 1).unsqueeze(0),  # [1, heads, query_len, head_dim]
+            seq_k.transpose(0, 1).unsqueeze(0),  # [1, kv_heads, context_len, head_dim]
+            seq_v.transpose(0, 1).unsqueeze(0),
             attn_mask=mask,
             is_causal=mask is None,
             scale=scale,
             enable_gqa=True,
         )
-        out[start:end] = seq_out.transpose(0, 1)
+        out[start:end] = seq_out[0].transpose(0, 1)
         start = end
     return out

@@ -19,6 +19,8 @@ from mixquant_serve.protocol import RequestStats
 from mixquant_serve.tool_calls import ToolCallStreamFilter, parse_tool_calls
 
 USER = [{"role": "user", "content": "hi"}]
+KIND_PART = {"type": "text", "text": "kind"}
+OSLO_CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
 WEATHER_TOOL = {
     "type": "function",
     "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
@@ -114,7 +116,7 @@ def test_unsupported_or_invalid_fields_are_named(fields, param, words):
         ([{"role": "user", "content": "x", "mood": "happy"}], "messages[0].mood", "Extra inputs"),
         ([{"role": "assistant", "content": None}], "messages[0]", "needs content or tool_calls"),
         (
-            [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}]}],
+            [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{"}}]}],
             "messages[0].tool_calls[0].function.arguments",
             "JSON object",
         ),
@@ -132,13 +134,13 @@ def test_messages_become_template_input():
         {
             "model": "m",
             "messages": [
-                {"role": "developer", "content": [{"type": "text", "text": "be brief"}, {"type": "text", "text": "be kind"}]},
+                {"role": "developer", "content": [{"type": "text", "text": "be brief"}, KIND_PART]},
                 {"role": "user", "content": "weather?", "name": "ana"},
                 {
                     "role": "assistant",
                     "content": None,
                     "refusal": None,
-                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}],
+                    "tool_calls": [OSLO_CALL],
                 },
                 {"role": "tool", "tool_call_id": "c1", "content": "9 C"},
             ],
@@ -146,12 +148,12 @@ def test_messages_become_template_input():
         }
     )
     assert request.template_messages() == [
-        {"role": "system", "content": "be brief\nbe kind"},
+        {"role": "system", "content": "be brief\nkind"},
         {"role": "user", "content": "weather?"},
         {
             "role": "assistant",
             "content": None,
-            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}],
+            "tool_calls": [OSLO_CALL],
         },
         {"role": "tool", "content": "9 C", "tool_call_id": "c1"},
     ]
@@ -178,7 +180,8 @@ def test_bad_completion_prompts_are_named(prompt, param, words):
 
 
 @pytest.mark.parametrize(
-    "fields, param", [({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"), ({"logprobs": 2}, "logprobs")]
+    "fields, param",
+    [({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"), ({"logprobs": 2}, "logprobs")],
 )
 def test_unsupported_completion_fields_are_named(fields, param):
     _, named = rejection(CompletionRequest, {"model": "m", "prompt": "x", **fields})
@@ -234,7 +237,8 @@ def block(name: str, arguments) -> str:
 def test_tool_call_blocks_are_parsed_with_the_text_outside():
     text = "Let me check.\n" + block("get_weather", {"city": "Paris"}) + "\n" + block("get_time", {}) + "\n"
     parsed = parse_tool_calls(text, model_stopped=True)
-    assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    calls = [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls]
+    assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {})]
     assert parsed.content.strip() == "Let me check."
     assert len({c.id for c in parsed.tool_calls}) == 2 and all(c.id.startswith("call_") for c in parsed.tool_calls)
 

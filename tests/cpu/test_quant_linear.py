@@ -44,11 +44,32 @@ def test_quantized_forward_error_window(precision: str, low: float, high: float)
 def test_forward_is_dequantized_matmul(precision: str, fmt) -> None:
     layer, weight, bias = make_layer(["bf16", precision], bias=True)
     x = torch.randn(2, 5, IN_FEATURES, generator=torch.Generator().manual_seed(1))
-    x_hat = fmt.dequantize(fmt.quantize(x.reshape(10, IN_FEATURES)))
+    x2d = x.reshape(10, IN_FEATURES)
+    # activations: one scale per token (nvfp4: a per-row global scale; fp8: row scales by definition)
+    x_hat = fmt.dequantize(fmt.quantize(x2d, nvfp4.row_encode_scales(x2d)) if fmt is nvfp4 else fmt.quantize(x2d))
     expected = F.linear(x_hat, fmt.dequantize(fmt.quantize(weight)), bias).reshape(2, 5, OUT_FEATURES)
     actual = layer(x, precision)
     assert actual.shape == (2, 5, OUT_FEATURES) and actual.dtype == torch.float32
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_quantized_forward_of_a_token_does_not_depend_on_its_batch() -> None:
+    """What prefix caching and continuous batching need: a token's quantized activations are its own.
+
+    The quantized values are compared bit for bit; the matmul outputs only to fp32 rounding, because
+    BLAS sums in a different order for 1 row than for 6.
+    """
+    from mixquant_serve.quant.linear import quantize_activation
+
+    x = torch.randn(6, IN_FEATURES) * torch.tensor([[0.01], [1.0], [50.0], [1.0], [3.0], [0.2]])
+    for precision, fmt in (("nvfp4", nvfp4), ("fp8", fp8)):
+        layer, _, _ = make_layer([precision])
+        together = fmt.dequantize(quantize_activation(x, precision))
+        outputs = layer(x, precision)
+        for row in range(6):
+            alone = fmt.dequantize(quantize_activation(x[row : row + 1], precision))[0]
+            assert torch.equal(alone, together[row]), f"{precision} row {row}"
+            torch.testing.assert_close(layer(x[row : row + 1], precision)[0], outputs[row], rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_forward_is_plain_linear() -> None:

@@ -1,4 +1,4 @@
-"""The OpenAI HTTP layer: routes, SSE, tool calls, errors, cancellation; with a scripted worker and with the real engine."""
+"""The OpenAI HTTP layer: routes, SSE, tool calls, errors, cancellation; a scripted worker, then the real engine."""
 
 from __future__ import annotations
 
@@ -140,7 +140,12 @@ def test_non_streaming_chat_has_usage_and_the_mixquant_object():
     body = response.json()
     assert body["object"] == "chat.completion" and body["model"] == MODEL and body["id"].startswith("chatcmpl-")
     assert body["choices"] == [
-        {"index": 0, "message": {"role": "assistant", "content": "Hello world!", "tool_calls": None}, "logprobs": None, "finish_reason": "stop"}
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello world!", "tool_calls": None},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
     ]
     prompt_tokens = len("user: hi\nassistant: ")
     assert body["usage"] == {
@@ -289,7 +294,8 @@ def test_parallel_tool_calls_false_returns_the_first_call():
     two = CALL_TEXT + '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
     client, _, _ = make_client(ScriptedDecode(script=[two]))
     assert len(post_chat(client, tools=[WEATHER_TOOL]).json()["choices"][0]["message"]["tool_calls"]) == 2
-    calls = post_chat(client, tools=[WEATHER_TOOL], parallel_tool_calls=False).json()["choices"][0]["message"]["tool_calls"]
+    body = post_chat(client, tools=[WEATHER_TOOL], parallel_tool_calls=False).json()
+    calls = body["choices"][0]["message"]["tool_calls"]
     assert [c["function"]["name"] for c in calls] == ["get_weather"]
 
 
@@ -336,7 +342,12 @@ def test_bad_chat_requests_name_the_field_and_never_reach_the_worker(body, statu
 
 @pytest.mark.parametrize(
     "raw, words",
-    [(b"{not json", "not valid JSON"), (b"[1, 2]", "must be a JSON object"), (b"", "empty"), (b"\xff\xfe", "not valid JSON")],
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b"", "empty"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
 )
 def test_malformed_bodies_are_400(raw, words):
     client, decode, _ = make_client()
@@ -491,7 +502,8 @@ def test_client_disconnect_cancels_the_worker_stream(stream, script):
         decode = ScriptedDecode(script=script)
         app = build_fastapi_app(OpenAIServer(CharTokenizer(), decode.generate, SETTINGS))
         disconnect = asyncio.Event()
-        run = asyncio.ensure_future(drive_asgi(app, "/v1/chat/completions", {"model": MODEL, "messages": USER, "stream": stream}, disconnect))
+        body = {"model": MODEL, "messages": USER, "stream": stream}
+        run = asyncio.ensure_future(drive_asgi(app, "/v1/chat/completions", body, disconnect))
         await asyncio.wait_for(decode.hanging.wait(), 5)
         disconnect.set()
         await run
@@ -617,7 +629,7 @@ def test_router_deployment_builds_the_server_and_mounts_every_route():
     assert {(route.path, route.method.lower()) for route in ROUTES} <= {(p, m) for p, ms in paths.items() for m in ms}
 
 
-# ---------------------------------------------------------------------------------------------- real engine + openai client
+# ------------------------------------------------------------------------------------ real engine, openai client
 
 
 class InProcessDecode:
@@ -704,7 +716,8 @@ def test_real_engine_through_uvicorn_with_the_openai_client(bundled):
         loaded=bundled,
     )
     decode = InProcessDecode(pipeline)
-    settings = ServerSettings(model_name="smollm2", max_model_len=pipeline.decode.core.max_model_len, max_tokens_cap=256)
+    max_model_len = pipeline.decode.core.max_model_len
+    settings = ServerSettings(model_name="smollm2", max_model_len=max_model_len, max_tokens_cap=256)
     server = OpenAIServer(bundled.tokenizer, decode.generate, settings)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(build_fastapi_app(server), host="127.0.0.1", port=port, log_level="warning"))
@@ -720,7 +733,12 @@ def test_real_engine_through_uvicorn_with_the_openai_client(bundled):
 
         reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=8, temperature=0)
         streamed = client.chat.completions.create(
-            model="smollm2", messages=messages, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+            model="smollm2",
+            messages=messages,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
         chunks = list(streamed)
         streamed_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -736,7 +754,10 @@ def test_real_engine_through_uvicorn_with_the_openai_client(bundled):
 
         # a client that leaves mid-stream: the request is aborted and every KV block is free again
         story = [{"role": "user", "content": "Tell me a very long story about a dragon."}]
-        with client.chat.completions.create(model="smollm2", messages=story, max_tokens=200, temperature=0, stream=True) as leaving:
+        leaving = client.chat.completions.create(
+            model="smollm2", messages=story, max_tokens=200, temperature=0, stream=True
+        )
+        with leaving:
             for chunk in leaving:
                 if chunk.choices and chunk.choices[0].delta.content:
                     break
