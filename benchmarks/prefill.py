@@ -10,11 +10,10 @@ GEMM for the length). Before that it measures the card's ceilings (matmul peak p
 copy bandwidth) and the per-linear micro-benchmark, so every ratio in the printed tables and the
 JSON comes from one run on one card.
 
-Attention is timed on its own too (`attention_probe`): model/attention.py calls SDPA on 3-D
-tensors, which PyTorch 2.11 runs on the math backend (it materializes the T x T scores: out of
-memory at 32K tokens); the probe times that call and the same call with a batch dim (4-D, which
-the flash backend takes), and each prefill row carries the forward time estimated with the 4-D
-call. An out-of-memory prefill is recorded as such and the run goes on.
+Attention is timed on its own too (`attention_probe`: one layer's causal SDPA call, exactly as
+model/attention.py makes it, 4-D so CUDA takes the flash backend), which tells how much of each
+prefill no linear-layer precision can speed up. An out-of-memory prefill is recorded as such and
+the run goes on.
 """
 
 from __future__ import annotations
@@ -73,32 +72,25 @@ def prefill_runner(model: LlamaForCausalLM, cache: torch.Tensor, tokens: int, pr
 
 
 def attention_probe(model: LlamaForCausalLM, tokens: int, device: torch.device) -> dict[str, object]:
-    """One layer's causal attention timed as model/attention.py calls SDPA (3-D [heads, T, D] with
-    enable_gqa) and with a batch dim added (4-D, the shape the flash backend accepts), with the
-    peak memory of each: how much of the prefill is attention, and what a 4-D call would save."""
+    """One layer's causal attention as model/attention.py calls SDPA ([1, heads, T, D], enable_gqa)."""
     config = model.config
-    # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim], as the model holds them
-    q = torch.randn(tokens, config.num_heads, config.head_dim, device=device, dtype=torch.bfloat16)
-    k = torch.randn(tokens, config.num_kv_heads, config.head_dim, device=device, dtype=torch.bfloat16)
+    # q: [1, heads, tokens, head_dim]; k, v: [1, kv_heads, tokens, head_dim]
+    q = torch.randn(1, config.num_heads, tokens, config.head_dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, config.num_kv_heads, tokens, config.head_dim, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    calls = {
-        "as_model_3d": lambda: F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                                              is_causal=True, enable_gqa=True),
-        "batched_4d": lambda: F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                                             v.transpose(0, 1)[None], is_causal=True, enable_gqa=True),
-    }
+
+    def call() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
     result: dict[str, object] = {"tokens": tokens, "flop": attention_flops(model, tokens) // config.num_layers}
-    for name, call in calls.items():
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            call()
-            result[f"{name}_ms"] = median_ms(call)
-            result[f"{name}_peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-            result[f"{name}_tflops"] = result["flop"] / result[f"{name}_ms"] / 1e9
-        except torch.OutOfMemoryError:
-            result[f"{name}_error"] = "out of memory"
+    torch.cuda.empty_cache()
+    try:
+        call()
+        result["ms"] = median_ms(call)
+        result["tflops"] = result["flop"] / result["ms"] / 1e9
+        result["all_layers_ms"] = result["ms"] * config.num_layers
+    except torch.OutOfMemoryError:
+        result["error"] = "out of memory"
     return result
 
 
@@ -110,8 +102,6 @@ def bench_prefill(model: LlamaForCausalLM, lengths: list[int], repeats: int, dev
     for tokens in lengths:
         probe = attention_probe(model, tokens, device)
         probes.append(probe)
-        attention_saving_ms = (model.config.num_layers * (probe["as_model_3d_ms"] - probe["batched_4d_ms"])
-                               if "as_model_3d_ms" in probe and "batched_4d_ms" in probe else None)
         outputs, bf16_ms = {}, None
         for precision in PRECISIONS:
             run = prefill_runner(model, cache, tokens, precision, device)
@@ -134,9 +124,8 @@ def bench_prefill(model: LlamaForCausalLM, lengths: list[int], repeats: int, dev
                 "model_tflops": (linear_flops + attn_flops) / ms / 1e9,
                 "matmul_peak_tflops": matmul_peak[precision],
             }
-            if attention_saving_ms is not None:
-                # What the forward would take with the 4-D (flash) attention call: an estimate, not a run.
-                row["ms_with_4d_attention_estimate"] = ms - attention_saving_ms
+            if "all_layers_ms" in probe:
+                row["attention_share"] = probe["all_layers_ms"] / ms
             rows.append(row)
         # Sanity: the quantized prefills see the same prompt and stay near bf16 (random weights).
         for precision in ("fp8", "nvfp4"):
@@ -144,37 +133,26 @@ def bench_prefill(model: LlamaForCausalLM, lengths: list[int], repeats: int, dev
                 cosine = F.cosine_similarity(outputs[precision], outputs["bf16"], dim=0).item()
                 row = next(r for r in rows if r["tokens"] == tokens and r["precision"] == precision)
                 row["last_hidden_cosine_vs_bf16"] = cosine
-        bf16_estimate = next((r.get("ms_with_4d_attention_estimate") for r in rows
-                              if r["tokens"] == tokens and r["precision"] == "bf16"), None)
-        for r in rows:
-            if r["tokens"] == tokens and bf16_estimate is not None and "ms_with_4d_attention_estimate" in r:
-                r["speedup_vs_bf16_with_4d_attention_estimate"] = bf16_estimate / r["ms_with_4d_attention_estimate"]
     return rows, probes
 
 
 def format_prefill(rows: list[dict[str, object]], probes: list[dict[str, object]], weights: dict[str, int]) -> str:
     lines = [f"{'tokens':>7} {'precision':<9}{'ms':>9}{'host ms':>9}{'tokens/s':>11}{'x bf16':>8}{'model TF/s':>11}"
-             f"{'peak TF/s':>10}{'cos(bf16)':>10} | est. with 4-D attention: {'ms':>8}{'x bf16':>8}"]
+             f"{'peak TF/s':>10}{'cos(bf16)':>10}{'attn share':>11}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['tokens']:>7} {r['precision']:<9} {r['error']}")
             continue
         cosine = r.get("last_hidden_cosine_vs_bf16")
-        estimate = r.get("ms_with_4d_attention_estimate")
-        ratio = r.get("speedup_vs_bf16_with_4d_attention_estimate")
+        share = r.get("attention_share")
         lines.append(f"{r['tokens']:>7} {r['precision']:<9}{r['ms']:>9.1f}{r['host_enqueue_ms']:>9.1f}"
                      f"{r['tokens_per_s']:>11.0f}{r['speedup_vs_bf16']:>8.2f}{r['model_tflops']:>11.0f}"
-                     f"{r['matmul_peak_tflops']:>10.0f}{'' if cosine is None else f'{cosine:.4f}':>10} | "
-                     f"{'' if estimate is None else f'{estimate:.1f}':>32}{'' if ratio is None else f'{ratio:.2f}':>8}")
+                     f"{r['matmul_peak_tflops']:>10.0f}{'' if cosine is None else f'{cosine:.4f}':>10}"
+                     f"{'' if share is None else f'{share:.0%}':>11}")
     for p in probes:
-        parts = [f"attention one layer, {p['tokens']} tokens:"]
-        for name in ("as_model_3d", "batched_4d"):
-            if f"{name}_ms" in p:
-                parts.append(f"{name} {p[f'{name}_ms']:.2f} ms ({p[f'{name}_tflops']:.0f} TF/s, "
-                             f"+{p[f'{name}_peak_extra_gib']:.1f} GiB)")
-            else:
-                parts.append(f"{name} {p.get(f'{name}_error')}")
-        lines.append(" ".join(parts))
+        timing = (f"{p['ms']:.2f} ms ({p['tflops']:.0f} TF/s), {p['all_layers_ms']:.1f} ms over all layers"
+                  if "ms" in p else p.get("error"))
+        lines.append(f"attention one layer, {p['tokens']} tokens: {timing}")
     lines.append("block-linear weight memory: " + ", ".join(
         f"{p} {weights[p] / 2**30:.2f} GiB ({weights[p] / weights['bf16']:.3f}x bf16)" for p in PRECISIONS))
     return "\n".join(lines)

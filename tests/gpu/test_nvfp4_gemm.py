@@ -15,7 +15,7 @@ KS = [16, 48, 4096]
 NS = [24, 4096]
 
 
-def operands(m: int, n: int, k: int, seed: int) -> tuple[nvfp4.NVFP4Tensor, nvfp4.NVFP4Tensor]:
+def operands(m: int, n: int, k: int, seed: int, per_row_activations: bool = True) -> tuple[nvfp4.NVFP4Tensor, nvfp4.NVFP4Tensor]:
     """Fresh random activations and weights, quantized on the GPU (the Triton quantize kernel path)."""
     from kernels.nvfp4_quantize import nvfp4_quantize
 
@@ -25,8 +25,9 @@ def operands(m: int, n: int, k: int, seed: int) -> tuple[nvfp4.NVFP4Tensor, nvfp
         x[m // 2, 16:32] = 0.0  # a zero block
     w = torch.randn(n, k, generator=g) * 0.05
     quantized = []
-    for t in (x.cuda(), w.cuda()):
-        gs = nvfp4.global_encode_scale(t)
+    # activations: one global scale per row, as QuantLinear quantizes them; weights: one per tensor
+    for t, per_row in ((x.cuda(), per_row_activations), (w.cuda(), False)):
+        gs = nvfp4.row_encode_scales(t) if per_row else nvfp4.global_encode_scale(t)
         packed, block_scale = nvfp4_quantize(t, gs)
         quantized.append(nvfp4.NVFP4Tensor(packed=packed, block_scale=block_scale, global_scale=gs, shape=t.shape))
     return quantized[0], quantized[1]
@@ -68,6 +69,14 @@ def test_autotuned_gemm_matches_reference(m: int, n: int, k: int) -> None:
     out = run_gemm(a, w, torch.float32)
     assert out.shape == (m, n)
     assert_matches_reference(out, expected, magnitude, f"autotuned {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 24, 48), (17, 24, 48), (300, 200, 1000)])
+def test_per_tensor_activation_scale_matches_reference(m: int, n: int, k: int) -> None:
+    a, w = operands(m, n, k, seed=k + 1, per_row_activations=False)
+    assert a.global_scale.dim() == 0
+    expected, magnitude = reference(a, w)
+    assert_matches_reference(run_gemm(a, w, torch.float32), expected, magnitude, f"per-tensor {m}x{n}x{k}")
 
 
 @pytest.mark.parametrize("m,n,k", [(17, 24, 48), (300, 4096, 4096), (130, 200, 1000)])
