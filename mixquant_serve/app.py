@@ -78,7 +78,8 @@ def build_app(args: AppConfig) -> serve.Application:
         ray_actor_options=_actor_options(config.router.num_cpus, 0.0),
     )
     tokenizer_factory = functools.partial(load_tokenizer, config.model, config.model_cache_dir)
-    return router.bind(decode.bind(config, prefill.bind(config)), tokenizer_factory, settings)
+    prefill_app = prefill.bind(config)
+    return router.bind(decode.bind(config, prefill_app), tokenizer_factory, settings, prefill_app)
 
 
 def _actor_options(num_cpus: float, num_gpus: float) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`mixquant` command line: generate (one process, both phases), more subcommands as they land."""
+"""`mixquant` command line: generate (one process, both phases) and eval quality."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mixquant_serve.engine.sampling import SamplingParams
+from mixquant_serve.eval.cli import add_eval_parser
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 
@@ -14,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mixquant", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(commands)
+    add_eval_parser(commands)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -720,21 +720,37 @@ def load_tokenizer(model: str, cache_dir: str | None = None) -> Tokenizer | None
     return Tokenizer(checkpoint.tokenizer_dir) if checkpoint.tokenizer_dir is not None else None
 
 
+def pool_loads(decode_handle: Any, prefill_handle: Any) -> Callable[[], Awaitable[dict]]:
+    """A stats hook: `load()` of one decode and one prefill replica (exact with one replica a pool)."""
+
+    async def stats() -> dict:
+        decode, prefill = await asyncio.gather(decode_handle.load.remote(), prefill_handle.load.remote())
+        return {"decode": decode, "prefill": prefill}
+
+    return stats
+
+
 def router_deployment() -> Any:
     """The Ray Serve ingress deployment `Router`, built on call so that importing this module needs no Ray.
 
-    Bind it as `router_deployment().options(...).bind(decode_app, tokenizer_factory, settings)`:
+    Bind it as `router_deployment().options(...).bind(decode_app, tokenizer_factory, settings, prefill_app)`:
     `decode_app` is the bound DecodeWorker (Serve passes the replica a DeploymentHandle), and
     `tokenizer_factory()` (e.g. `functools.partial(load_tokenizer, model, cache_dir)`) runs in the
-    replica. The handlers are the OpenAIServer's, mounted as a FastAPI class-based view.
+    replica. The handlers are the OpenAIServer's, mounted as a FastAPI class-based view. With
+    `prefill_app`, GET /stats reports one replica of each pool (`load()`: KV blocks in use, queues).
     """
     from ray import serve
 
     app = FastAPI(title="mixquant-serve", docs_url=None, redoc_url=None)
 
     class Router:
-        def __init__(self, decode: Any, tokenizer_factory: Callable[[], Tokenizer | None], settings: ServerSettings):
-            self.server = OpenAIServer(tokenizer_factory(), decode_handle_generate(decode), settings)
+        def __init__(self, decode: Any, tokenizer_factory: Callable[[], Tokenizer | None], settings: ServerSettings,
+                     prefill: Any = None):
+            stats = pool_loads(decode, prefill) if prefill is not None else None
+            self.server = OpenAIServer(tokenizer_factory(), decode_handle_generate(decode), settings, stats)
+
+        async def stats(self, request: Request) -> Response:
+            return await self.server.stats(request)
 
         async def chat_completions(self, request: Request) -> Response:
             return await self.server.chat_completions(request)
@@ -748,7 +764,7 @@ def router_deployment() -> Any:
         async def health(self, request: Request) -> Response:
             return await self.server.health(request)
 
-    for route in ROUTES:
+    for route in (*ROUTES, STATS_ROUTE):
         app.add_api_route(route.path, getattr(Router, route.handler), methods=[route.method])
     install_error_handlers(app)
     return serve.deployment(serve.ingress(app)(Router))

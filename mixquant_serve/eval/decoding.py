@@ -5,13 +5,27 @@ it: the prefill precision computes the KV of prompt[:-1] (in chunks of the engin
 the decode precision computes the last prompt token and every token after it, so the first output
 token already comes from the decode precision.
 
-Greedy decoding by verification. A configuration's greedy output is found from one teacher-forced
-pass over the reference continuation R: while the configuration's argmax equals R[j], its greedy
-output is R[j] (same inputs, same next-token distribution); at the first disagreement j its token is
-its own argmax, and from there it decodes step by step. This gives the configuration's greedy output
-with one forward over R plus one step per token after the divergence, instead of one step per token;
-the teacher-forced logits are the same ones the KL metrics use. Logits of a multi-token forward and of
-a one-token step differ only in fp32 summation order.
+How a configuration's greedy answer is decoded depends on its decode precision:
+
+* quantized decode (nvfp4, fp8): one token per forward, exactly as the engine decodes a request on
+  its own. Quantized activations make a token's logits depend on the shape of the forward it ran in:
+  a multi-token forward sums in another fp32 order, and one flipped rounding of an activation to the
+  4- or 8-bit grid moves the logits far more than fp32 rounding does (measured on the bundled model:
+  logits of the same tokens, one multi-token forward vs one token per forward, differ by up to 3.8
+  in fp8, 5e-5 in bf16). So no shortcut below is used for them.
+
+* bf16 decode (the reference, Mix-Quant): a multi-token forward equals one-token steps up to fp32
+  rounding, so two shortcuts give the same greedy answer with far fewer forwards:
+  - verification: one teacher-forced pass over the reference answer R gives the configuration's
+    argmax at every position of R; while it equals R[j] its greedy token is R[j] (same inputs), at the
+    first disagreement it is its own argmax, and decoding continues from there;
+  - prompt-lookup drafts: each decoding forward also feeds up to `draft_tokens` tokens guessed from
+    the text so far (what followed the latest earlier occurrence of its last n-gram, as n-gram
+    speculative decoding does); the argmax keeps a drafted token only while it equals it, so a
+    draft saves forwards and never chooses a token.
+
+Teacher-forced logits (for the KL metrics) come from one forward over [last prompt token] + R[:-1]
+in the decode precision, for every configuration.
 """
 
 from __future__ import annotations
@@ -24,30 +38,38 @@ from mixquant_serve.eval.kv import ForkableKVCache, KVSequence
 from mixquant_serve.model.tokenizer import Tokenizer
 from mixquant_serve.quant.precision import Precision
 
+# Decode precisions whose logits do not depend on how many tokens share a forward (up to fp32 rounding).
+SHAPE_INVARIANT_PRECISIONS: tuple[Precision, ...] = ("bf16",)
+DRAFT_TOKENS = 8  # drafted tokens verified per decoding forward
+DRAFT_MAX_NGRAM = 3  # longest suffix n-gram looked up in the text so far
+
 
 @dataclass(frozen=True)
 class StopRule:
-    """When greedy decoding of an answer ends: an end-of-sequence token, a newline, or max_new_tokens."""
+    """When greedy decoding of an answer ends: an end-of-sequence token, a stop string in the text, or max_new_tokens."""
 
     eos_token_ids: frozenset[int]
     max_new_tokens: int
+    stop_strings: tuple[str, ...] = ("\n",)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop_strings must be non-empty strings")
 
     def is_done(self, tokenizer: Tokenizer, token_ids: list[int]) -> bool:
         if not token_ids:
             return False
         if token_ids[-1] in self.eos_token_ids or len(token_ids) >= self.max_new_tokens:
             return True
-        return "\n" in tokenizer.decode(token_ids)
+        text = tokenizer.decode(token_ids)
+        return any(s in text for s in self.stop_strings)
 
 
 @dataclass
-class VerifiedGeneration:
-    token_ids: list[int]  # the configuration's greedy output
-    matched_prefix: int  # leading tokens equal to the reference continuation
+class ConfigGeneration:
+    token_ids: list[int]  # the configuration's greedy answer
     teacher_forced_logits: torch.Tensor  # [len(reference), vocab] fp32: next-token logits along the reference
 
 
@@ -62,22 +84,47 @@ def prefill(kv: ForkableKVCache, seq: KVSequence, token_ids: list[int], precisio
 def greedy_decode(
     kv: ForkableKVCache,
     seq: KVSequence,
-    next_input: int,
+    prompt: list[int],
     precision: Precision,
     tokenizer: Tokenizer,
     stop: StopRule,
     generated: list[int] | None = None,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> list[int]:
-    """Step-by-step greedy decoding: feeds next_input, appends argmax tokens until stop; returns all generated.
+    """Greedy decoding after prompt; returns all generated tokens (`generated` plus the new ones).
 
-    `generated` holds tokens already decided (next_input is its last one, or the last prompt token if empty).
+    seq holds the KV of prompt[:-1] + generated[:-1]: the next input is generated[-1], or the last prompt
+    token when nothing was generated yet. Each forward verifies up to draft_tokens drafted tokens
+    (0: one token per forward).
     """
     tokens = list(generated or [])
+    next_input = tokens[-1] if tokens else prompt[-1]
     while not stop.is_done(tokenizer, tokens):
-        hidden = kv.forward(seq, [next_input], precision)  # [1, hidden]
-        next_input = int(kv.logits(hidden)[0].argmax())
-        tokens.append(next_input)
+        budget = stop.max_new_tokens - len(tokens) - 1  # a draft never runs past the token cap
+        draft = prompt_lookup_draft([*prompt, *tokens], min(draft_tokens, budget))
+        start = seq.num_tokens
+        hidden = kv.forward(seq, [next_input, *draft], precision)  # [1 + len(draft), hidden]
+        choices = kv.logits(hidden).argmax(dim=-1).tolist()
+        for position, choice in enumerate(choices):
+            tokens.append(choice)
+            if stop.is_done(tokenizer, tokens) or position == len(draft) or choice != draft[position]:
+                break
+        # KV is valid for the inputs whose successors were accepted: next_input and the drafts before the last choice
+        kv.truncate(seq, start + position + 1)
+        next_input = tokens[-1]
     return tokens
+
+
+def prompt_lookup_draft(history: list[int], max_tokens: int, max_ngram: int = DRAFT_MAX_NGRAM) -> list[int]:
+    """Up to max_tokens tokens that followed the latest earlier occurrence of history's last n-gram (longest n first)."""
+    if max_tokens <= 0:
+        return []
+    for n in range(min(max_ngram, len(history) - 1), 0, -1):
+        pattern = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start : start + n] == pattern:
+                return history[start + n : start + n + max_tokens]
+    return []
 
 
 def teacher_forced_logits(
@@ -90,29 +137,41 @@ def teacher_forced_logits(
     return kv.logits(hidden)
 
 
-def generate_by_verification(
+def decode_against_reference(
     kv: ForkableKVCache,
     seq: KVSequence,
-    last_prompt_token: int,
+    prompt: list[int],
     reference: list[int],
     precision: Precision,
     tokenizer: Tokenizer,
     stop: StopRule,
-) -> VerifiedGeneration:
-    """Greedy output of `precision` on seq (the prompt minus its last token), verified against `reference`.
+) -> ConfigGeneration:
+    """The configuration's greedy answer on seq (the KV of prompt[:-1]) and its logits along `reference`.
 
     reference must be a complete greedy answer under `stop` (it ends where stop says it ends).
     """
-    prompt_tokens = seq.num_tokens + 1
-    logits = teacher_forced_logits(kv, seq, last_prompt_token, reference, precision)
+    if seq.num_tokens != len(prompt) - 1:
+        raise ValueError(f"seq must hold prompt[:-1] ({len(prompt) - 1} tokens), holds {seq.num_tokens}")
+    logits = teacher_forced_logits(kv, seq, prompt[-1], reference, precision)
+    if precision not in SHAPE_INVARIANT_PRECISIONS:
+        kv.truncate(seq, len(prompt) - 1)
+        tokens = greedy_decode(kv, seq, prompt, precision, tokenizer, stop, draft_tokens=0)
+        return ConfigGeneration(tokens, logits)
     own_choice = logits.argmax(dim=-1).tolist()
     matched = 0
     while matched < len(reference) and own_choice[matched] == reference[matched]:
         matched += 1
     if matched == len(reference):
-        return VerifiedGeneration(list(reference), matched, logits)
+        return ConfigGeneration(list(reference), logits)
     tokens = reference[:matched] + [own_choice[matched]]
     # the KV of prompt + reference[:matched] is this configuration's own; later slots are forgotten
-    kv.truncate(seq, prompt_tokens + matched)
-    tokens = greedy_decode(kv, seq, tokens[-1], precision, tokenizer, stop, generated=tokens)
-    return VerifiedGeneration(tokens, matched, logits)
+    kv.truncate(seq, len(prompt) + matched)
+    return ConfigGeneration(greedy_decode(kv, seq, prompt, precision, tokenizer, stop, generated=tokens), logits)
+
+
+def matched_prefix(tokens: list[int], reference: list[int]) -> int:
+    """Number of leading tokens equal in both lists."""
+    count = 0
+    while count < min(len(tokens), len(reference)) and tokens[count] == reference[count]:
+        count += 1
+    return count
