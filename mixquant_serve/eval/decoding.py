@@ -5,27 +5,25 @@ it: the prefill precision computes the KV of prompt[:-1] (in chunks of the engin
 the decode precision computes the last prompt token and every token after it, so the first output
 token already comes from the decode precision.
 
-How a configuration's greedy answer is decoded depends on its decode precision:
+On a CPU a decoding forward costs about as much for 30 tokens as for one (it is bound by reading the
+weights), so answers are decoded with two exact shortcuts that feed several tokens per forward:
 
-* quantized decode (nvfp4, fp8): one token per forward, exactly as the engine decodes a request on
-  its own. Quantized activations make a token's logits depend on the shape of the forward it ran in:
-  a multi-token forward sums in another fp32 order, and one flipped rounding of an activation to the
-  4- or 8-bit grid moves the logits far more than fp32 rounding does (measured on the bundled model:
-  logits of the same tokens, one multi-token forward vs one token per forward, differ by up to 3.8
-  in fp8, 5e-5 in bf16). So no shortcut below is used for them.
+* verification: one teacher-forced pass over the reference answer R gives the configuration's argmax
+  at every position of R; while it equals R[j] the configuration's greedy token is R[j] (same inputs),
+  at the first disagreement it is its own argmax, and decoding continues from there. The same pass
+  gives the teacher-forced logits of the KL metrics.
+* prompt-lookup drafts: each decoding forward also feeds up to `draft_tokens` tokens guessed from the
+  text so far (what followed the latest earlier occurrence of its last n-gram, as n-gram speculative
+  decoding does); the argmax keeps a drafted token only while it equals it. A draft saves forwards and
+  never chooses a token.
 
-* bf16 decode (the reference, Mix-Quant): a multi-token forward equals one-token steps up to fp32
-  rounding, so two shortcuts give the same greedy answer with far fewer forwards:
-  - verification: one teacher-forced pass over the reference answer R gives the configuration's
-    argmax at every position of R; while it equals R[j] its greedy token is R[j] (same inputs), at the
-    first disagreement it is its own argmax, and decoding continues from there;
-  - prompt-lookup drafts: each decoding forward also feeds up to `draft_tokens` tokens guessed from
-    the text so far (what followed the latest earlier occurrence of its last n-gram, as n-gram
-    speculative decoding does); the argmax keeps a drafted token only while it equals it, so a
-    draft saves forwards and never chooses a token.
-
-Teacher-forced logits (for the KL metrics) come from one forward over [last prompt token] + R[:-1]
-in the decode precision, for every configuration.
+Numerics. A multi-token forward sums in another fp32 order than a one-token step. In bf16 (fp32 on
+CPU) that moves logits by ~1e-5. With quantized activations (all-nvfp4, all-fp8 decode) an fp32-level
+difference can flip the rounding of an activation to the 4- or 8-bit grid, so the logits of one
+multi-token forward and of one-token steps differ by as much as quantization noise itself (measured on
+the bundled model, same tokens: up to 3.8 in a logit with fp8, KL 0.03). Quantized decode here is
+therefore a different draw of the same quantization noise than the engine's one-token steps (what a
+serving engine with speculative decoding or a larger decode batch also gets), not a bitwise replay.
 """
 
 from __future__ import annotations
@@ -38,8 +36,6 @@ from mixquant_serve.eval.kv import ForkableKVCache, KVSequence
 from mixquant_serve.model.tokenizer import Tokenizer
 from mixquant_serve.quant.precision import Precision
 
-# Decode precisions whose logits do not depend on how many tokens share a forward (up to fp32 rounding).
-SHAPE_INVARIANT_PRECISIONS: tuple[Precision, ...] = ("bf16",)
 DRAFT_TOKENS = 8  # drafted tokens verified per decoding forward
 DRAFT_MAX_NGRAM = 3  # longest suffix n-gram looked up in the text so far
 
@@ -90,18 +86,20 @@ def greedy_decode(
     stop: StopRule,
     generated: list[int] | None = None,
     draft_tokens: int = DRAFT_TOKENS,
+    draft_context: list[int] | None = None,
 ) -> list[int]:
     """Greedy decoding after prompt; returns all generated tokens (`generated` plus the new ones).
 
     seq holds the KV of prompt[:-1] + generated[:-1]: the next input is generated[-1], or the last prompt
     token when nothing was generated yet. Each forward verifies up to draft_tokens drafted tokens
-    (0: one token per forward).
+    (0: one token per forward), looked up in prompt, draft_context (e.g. another answer) and the tokens so far.
     """
     tokens = list(generated or [])
     next_input = tokens[-1] if tokens else prompt[-1]
+    lookup_prefix = [*prompt, *(draft_context or [])]
     while not stop.is_done(tokenizer, tokens):
         budget = stop.max_new_tokens - len(tokens) - 1  # a draft never runs past the token cap
-        draft = prompt_lookup_draft([*prompt, *tokens], min(draft_tokens, budget))
+        draft = prompt_lookup_draft([*lookup_prefix, *tokens], min(draft_tokens, budget))
         start = seq.num_tokens
         hidden = kv.forward(seq, [next_input, *draft], precision)  # [1 + len(draft), hidden]
         choices = kv.logits(hidden).argmax(dim=-1).tolist()
@@ -153,20 +151,15 @@ def decode_against_reference(
     if seq.num_tokens != len(prompt) - 1:
         raise ValueError(f"seq must hold prompt[:-1] ({len(prompt) - 1} tokens), holds {seq.num_tokens}")
     logits = teacher_forced_logits(kv, seq, prompt[-1], reference, precision)
-    if precision not in SHAPE_INVARIANT_PRECISIONS:
-        kv.truncate(seq, len(prompt) - 1)
-        tokens = greedy_decode(kv, seq, prompt, precision, tokenizer, stop, draft_tokens=0)
-        return ConfigGeneration(tokens, logits)
     own_choice = logits.argmax(dim=-1).tolist()
-    matched = 0
-    while matched < len(reference) and own_choice[matched] == reference[matched]:
-        matched += 1
+    matched = matched_prefix(own_choice, reference)
     if matched == len(reference):
         return ConfigGeneration(list(reference), logits)
     tokens = reference[:matched] + [own_choice[matched]]
     # the KV of prompt + reference[:matched] is this configuration's own; later slots are forgotten
     kv.truncate(seq, len(prompt) + matched)
-    return ConfigGeneration(greedy_decode(kv, seq, prompt, precision, tokenizer, stop, generated=tokens), logits)
+    answer = greedy_decode(kv, seq, prompt, precision, tokenizer, stop, generated=tokens, draft_context=reference)
+    return ConfigGeneration(answer, logits)
 
 
 def matched_prefix(tokens: list[int], reference: list[int]) -> int:

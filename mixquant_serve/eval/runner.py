@@ -5,9 +5,8 @@
         reference:        bf16 branch: greedy answer R (drafts verified, decoding.py), then one teacher-
                           forced pass over R -> reference logits
         each config:      branch of its prefill precision's KV: teacher-forced pass over R in its decode
-                          precision -> KL against the reference; its greedy answer (decoding.py: one
-                          token per forward for quantized decode); every branch starts from its own
-                          prefill KV
+                          precision -> KL against the reference, and its greedy answer by verification
+                          (decoding.py); every branch starts from its own prefill KV
 
 The reference is always computed; the "bf16" configuration, when asked for, is recomputed on its own
 branch like any other configuration, so its agreement 1.0 and KL 0 check that branches do not leak into

@@ -3,10 +3,14 @@
 Each group is one agent session over a domain's key -> value store (domains.py):
 
     system    role + the domain's five tools (declared through the chat template's tool support)
+    user      "List all settings."               assistant <tool_call> list_settings    tool {long JSON, 1K-6K tokens}
+    user      "What is the value of "K0"?"       assistant "K0": "V0"
     user      "Delete the setting X."            assistant <tool_call> delete_setting   tool {"ok": true}
     user      "Set the value of Y to Z."         assistant <tool_call> update_setting   tool {"ok": true}
-    user      "List all settings."               assistant <tool_call> list_settings    tool {long JSON, 1K-6K tokens}
     ---- shared context ends; each item adds its turns ----
+
+The turns after the long result show the answer formats right before the questions (a 135M model
+follows a format it has just seen far more reliably than one described in the system prompt).
 
 and its items, `items_per_family` of each family, interleaved (lookup, tool_call, multi_turn, ...):
 
@@ -83,33 +87,36 @@ def _generate_group(
     d = domain
     used_keys: set[str] = set()
     used_values: set[str] = set()
+    entries, result = _tool_result(tokenizer, rng, d, target_tokens, used_keys, used_values)
+    # one asked-about key per slice of the result, so that answers sit at every depth; one more for the demo
+    keys = list(entries)
+    slices = 3 * per_family + 1
+    if len(keys) < slices:
+        raise ValueError(f"target_tokens={target_tokens} gives {len(keys)} entries, fewer than the {slices} keys asked")
+    asked = [keys[rng.randrange(i * len(keys) // slices, (i + 1) * len(keys) // slices)] for i in range(slices)]
+    rng.shuffle(asked)
+    demo_key = asked.pop()
     demo_delete_key = _fresh(rng, d.make_key, used_keys)
     demo_update_key = _fresh(rng, d.make_key, used_keys)
     demo_update_value = _fresh(rng, d.make_value, used_values)
-    entries, result = _tool_result(tokenizer, rng, d, target_tokens, used_keys, used_values)
     context: list[dict[str, Any]] = [
         {
             "role": "system",
             "content": f"{d.system} Call a tool when the user asks for an action. Answer questions with the exact "
             f"{d.value_noun} from the tool results, nothing else.",
         },
-        {"role": "user", "content": f"Delete the {d.noun} {demo_delete_key}."},
-        _call("call_1", d.delete_tool, {d.key_arg: demo_delete_key}),
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"ok": true}'},
-        {"role": "user", "content": f"Set the {d.value_noun} of {demo_update_key} to {demo_update_value}."},
-        _call("call_2", d.update_tool, {d.key_arg: demo_update_key, d.value_arg: demo_update_value}),
-        {"role": "tool", "tool_call_id": "call_2", "content": '{"ok": true}'},
         {"role": "user", "content": f"List all {d.collection}."},
-        _call("call_3", d.list_tool, {"query": "all"}),
-        {"role": "tool", "tool_call_id": "call_3", "content": result},
+        _call("call_1", d.list_tool, {"query": "all"}),
+        {"role": "tool", "tool_call_id": "call_1", "content": result},
+        {"role": "user", "content": f'What is the {d.value_noun} of "{demo_key}"?'},
+        _assistant(f'"{demo_key}": "{entries[demo_key]}"'),
+        {"role": "user", "content": f"Delete the {d.noun} {demo_delete_key}."},
+        _call("call_2", d.delete_tool, {d.key_arg: demo_delete_key}),
+        {"role": "tool", "tool_call_id": "call_2", "content": '{"ok": true}'},
+        {"role": "user", "content": f"Set the {d.value_noun} of {demo_update_key} to {demo_update_value}."},
+        _call("call_3", d.update_tool, {d.key_arg: demo_update_key, d.value_arg: demo_update_value}),
+        {"role": "tool", "tool_call_id": "call_3", "content": '{"ok": true}'},
     ]
-    # one asked-about key per slice of the result, so that answers sit at every depth
-    keys = list(entries)
-    slices = 3 * per_family
-    if len(keys) < slices:
-        raise ValueError(f"target_tokens={target_tokens} gives {len(keys)} entries, fewer than the {slices} items asked")
-    asked = [keys[rng.randrange(i * len(keys) // slices, (i + 1) * len(keys) // slices)] for i in range(slices)]
-    rng.shuffle(asked)
     lookups = [_lookup_item(d, key, entries[key], skill) for key, skill in zip(asked[0::3], range(per_family))]
     calls = [_call_item(rng, d, key, entries[key], skill, used_values) for key, skill in zip(asked[1::3], range(per_family))]
     follow_ups = [
