@@ -15,54 +15,22 @@ import httpx
 import pytest
 import torch
 
-from mixquant_serve.config import AppConfig
 from mixquant_serve.engine.build import build_local_pipeline
 from mixquant_serve.engine.config import EngineConfig
 from mixquant_serve.engine.sampling import SamplingParams
+from tests.app_config import DEFAULT_ENGINE, DEFAULT_LOCAL_PREFILL_TOKENS, SERVE_BASE
 
 pytestmark = pytest.mark.slow
-PORT = 8765
-BASE = f"http://127.0.0.1:{PORT}"
+BASE = SERVE_BASE
 MODEL = "smollm2-135m-instruct"
-BLOCK = 16
-LOCAL_PREFILL_TOKENS = 64
-ENGINE = {"block_size": BLOCK, "num_kv_blocks": 512, "max_num_batched_tokens": 2048}
-
-
-def app_config(cache_dir) -> AppConfig:
-    return AppConfig.model_validate({
-        "model": "bundled:smollm2-135m-instruct",
-        "device": "cpu",
-        "model_cache_dir": str(cache_dir),
-        "prefill": {
-            "precision": "nvfp4",
-            "resources": {"num_cpus": 0.5},
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-            "engine": {**ENGINE, "max_num_seqs": 4},
-        },
-        "decode": {
-            "local_prefill_tokens": LOCAL_PREFILL_TOKENS,
-            "resources": {"num_cpus": 0.5},
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-            "engine": ENGINE,
-        },
-        "router": {"num_cpus": 0.1},
-    })
+BLOCK = DEFAULT_ENGINE["block_size"]
+LOCAL_PREFILL_TOKENS = DEFAULT_LOCAL_PREFILL_TOKENS
+ENGINE = DEFAULT_ENGINE
 
 
 @pytest.fixture(scope="module")
-def app(model_cache_dir, bundled):
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from mixquant_serve.app import build_app
-
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(app_config(model_cache_dir)), name="mixquant", route_prefix="/")
-    yield serve
-    serve.shutdown()
-    ray.shutdown()
+def app(default_app):
+    return default_app
 
 
 @pytest.fixture(scope="module")

@@ -240,11 +240,9 @@ def loaded_pool(name: str, policy_function: str, policy_kwargs: dict, stats: dic
 
 
 @pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
-def test_serve_controller_scales_each_pool_on_its_own_metric():
+def test_serve_controller_scales_each_pool_on_its_own_metric(ray_serve):
     """With Serve's default policy neither pool would scale (no requests at all): the custom metrics do it."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(proxy_location="Disabled")
         pools = {
             "prefill": loaded_pool(
                 "PrefillPool",
@@ -274,5 +272,5 @@ def test_serve_controller_scales_each_pool_on_its_own_metric():
             time.sleep(0.5)
         assert running == {"prefill": 2, "decode": 2}
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        for app in ("prefill", "decode"):
+            serve.delete(app)
