@@ -58,9 +58,30 @@ called with each tick's `AutoscalingContext`); a plain function gets none. Hence
         policy_kwargs: {target_kv_usage: 0.7, target_running_seqs_per_replica: 24}
 
 The same dicts work as `@serve.deployment(autoscaling_config={...})` or
-`ray.serve.config.AutoscalingConfig(**snippet)`. Ray 2.60 also has an application-level policy
-(`autoscaling_policy` in the application's config: one function sees every deployment's context);
-its schema still calls it "under development", so the pools use these per-deployment policies.
+`ray.serve.config.AutoscalingConfig(**snippet)`.
+
+Application level: the prefill:decode ratio. Each pool scales on its own signal, but a prefill pool
+far larger than the decode pool it feeds (or the reverse) means one of them waits on the other.
+`PoolRatioAutoscalingPolicy` is a Ray Serve application-level policy (`autoscaling_policy` of the
+application in the serve config YAML; Ray 2.60 calls it with every autoscaling deployment's context
+and it takes precedence over the per-deployment policies, which it runs itself):
+
+    applications:
+      - name: mixquant
+        import_path: mixquant_serve.app:build_app
+        autoscaling_policy:
+          policy_function: mixquant_serve.autoscaling:PoolRatioAutoscalingPolicy
+          policy_kwargs: {min_prefill_per_decode: 0.25, max_prefill_per_decode: 4.0}
+
+Each tick it (1) runs each pool's own policy, taken from that deployment's `autoscaling_config.policy`
+with its kwargs (so the per-pool targets stay where they are configured), then (2) keeps
+min_prefill_per_decode <= prefill / decode <= max_prefill_per_decode by raising the lagging pool
+(never by taking away replicas a pool's own load asks for); only where the lagging pool is at its
+max_replicas is the other pool capped instead. Serve's wrapper then applies each deployment's
+min/max replicas and up/downscale delays. Ray 2.60 logs a warning per deployment that the
+application-level policy takes precedence: that is the intent. An application started from Python
+(`serve.run(build_app(...))`) has no application-level policy (Serve's Python API takes none): its
+pools scale independently on the per-deployment policies.
 
 The controller unpickles this module by value, so it imports only the standard library and Ray.
 """
@@ -73,6 +94,9 @@ from typing import Any
 
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingContext
+
+PREFILL_DEPLOYMENT = "PrefillWorker"  # deployment names given in mixquant_serve.app
+DECODE_DEPLOYMENT = "DecodeWorker"
 
 QUEUED_PREFILL_TOKENS = "queued_prefill_tokens"
 KV_BLOCK_USAGE = "kv_block_usage"
@@ -252,3 +276,78 @@ class DecodeAutoscalingPolicy:
             scale_down_utilization=self.scale_down_utilization,
         )
         return desired, {}
+
+
+def keep_pool_ratio(
+    *,
+    prefill: int,
+    decode: int,
+    min_prefill_per_decode: float,
+    max_prefill_per_decode: float,
+    prefill_bounds: tuple[int, int],
+    decode_bounds: tuple[int, int],
+) -> tuple[int, int]:
+    """(prefill, decode) replica counts with min <= prefill / decode <= max, raising the lagging pool first.
+
+    Bounds are (min_replicas, max_replicas) per pool; the result always lies within them, so where
+    the bounds make the ratio unreachable the ratio gives way.
+    """
+    if not 0.0 < min_prefill_per_decode <= max_prefill_per_decode:
+        raise ValueError("need 0 < min_prefill_per_decode <= max_prefill_per_decode, got "
+                         f"{min_prefill_per_decode} and {max_prefill_per_decode}")
+    for name, (low, high) in (("prefill_bounds", prefill_bounds), ("decode_bounds", decode_bounds)):
+        if low < 0 or high < low:
+            raise ValueError(f"{name} must be (min, max) with 0 <= min <= max, got {(low, high)}")
+    prefill = clamp_replicas(prefill, *prefill_bounds)
+    decode = clamp_replicas(decode, *decode_bounds)
+    if prefill > max_prefill_per_decode * decode:
+        decode = clamp_replicas(prefill / max_prefill_per_decode, *decode_bounds)
+        if prefill > max_prefill_per_decode * decode:
+            prefill = max(prefill_bounds[0], math.floor(max_prefill_per_decode * decode))
+    elif prefill < min_prefill_per_decode * decode:
+        prefill = clamp_replicas(min_prefill_per_decode * decode, *prefill_bounds)
+        if prefill < min_prefill_per_decode * decode:
+            decode = max(decode_bounds[0], math.floor(prefill / min_prefill_per_decode))
+    return prefill, decode
+
+
+class PoolRatioAutoscalingPolicy:
+    """Serve application-level policy: every pool's own policy, then the prefill:decode ratio kept in bounds."""
+
+    def __init__(self, min_prefill_per_decode: float = 0.25, max_prefill_per_decode: float = 4.0) -> None:
+        if not 0.0 < min_prefill_per_decode <= max_prefill_per_decode:
+            raise ValueError("need 0 < min_prefill_per_decode <= max_prefill_per_decode, got "
+                             f"{min_prefill_per_decode} and {max_prefill_per_decode}")
+        self.min_prefill_per_decode = float(min_prefill_per_decode)
+        self.max_prefill_per_decode = float(max_prefill_per_decode)
+        self._pool_policies: dict[Any, tuple[Any, Any]] = {}  # deployment id -> (its policy config, callable)
+
+    def _pool_policy(self, deployment_id: Any, ctx: AutoscalingContext) -> Any:
+        """The deployment's own policy, instantiated once per policy config (classes get their kwargs)."""
+        policy_config = ctx.config.policy
+        cached = self._pool_policies.get(deployment_id)
+        if cached is not None and cached[0] == policy_config:
+            return cached[1]
+        raw = policy_config.get_policy()
+        policy = raw(**policy_config.policy_kwargs) if isinstance(raw, type) else raw
+        self._pool_policies[deployment_id] = (policy_config, policy)
+        return policy
+
+    def __call__(self, contexts: Mapping[Any, AutoscalingContext]) -> tuple[dict[Any, int], dict[Any, dict[str, Any]]]:
+        decisions: dict[Any, int] = {}
+        states: dict[Any, dict[str, Any]] = {}
+        for deployment_id, ctx in contexts.items():
+            decisions[deployment_id], states[deployment_id] = self._pool_policy(deployment_id, ctx)(ctx)
+        by_name = {deployment_id.name: deployment_id for deployment_id in contexts}
+        prefill_id, decode_id = by_name.get(PREFILL_DEPLOYMENT), by_name.get(DECODE_DEPLOYMENT)
+        if prefill_id is not None and decode_id is not None:
+            prefill_ctx, decode_ctx = contexts[prefill_id], contexts[decode_id]
+            decisions[prefill_id], decisions[decode_id] = keep_pool_ratio(
+                prefill=decisions[prefill_id],
+                decode=decisions[decode_id],
+                min_prefill_per_decode=self.min_prefill_per_decode,
+                max_prefill_per_decode=self.max_prefill_per_decode,
+                prefill_bounds=(prefill_ctx.capacity_adjusted_min_replicas, prefill_ctx.capacity_adjusted_max_replicas),
+                decode_bounds=(decode_ctx.capacity_adjusted_min_replicas, decode_ctx.capacity_adjusted_max_replicas),
+            )
+        return decisions, states

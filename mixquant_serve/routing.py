@@ -22,8 +22,15 @@ The policy (`SessionAffinityPolicy`, pure Python) is "consistent hashing with bo
   no replica ever holds more than ~load_factor times the mean, plus one. If no replica qualifies,
   the least-loaded one goes first.
 
+Replica stats: each replica reports its KV-block use through Serve's routing-stats hook
+(`record_routing_stats`, polled by Serve every `request_routing_stats_period_s`; the router reads
+`RunningReplica.routing_stats`). A replica at or above `saturated_kv_usage` is saturated: its cache
+cannot take a new session's prompt without evicting the prefixes other sessions will come back
+for (or, when nothing is evictable, without waiting), so it never qualifies; it still takes the
+request when every replica is saturated or over the bound.
+
 `choose()` returns every replica in order of preference: the qualifying ones in ring-walk order,
-then the rest by ascending queue length. The Ray router hands them to Serve one per rank, so Serve
+then the rest by ascending queue length (saturated after unsaturated). The Ray router hands them to Serve one per rank, so Serve
 sends the request to the first one that is not at `max_ongoing_requests`.
 
 Requests that carry no session (first positional argument without a `session_id` string, e.g.
@@ -36,7 +43,9 @@ Use (Ray Serve 2.60), on the DecodeWorker and PrefillWorker deployments:
     @serve.deployment(
         request_router_config=RequestRouterConfig(
             request_router_class="mixquant_serve.routing:SessionAffinityRequestRouter",
-            request_router_kwargs={"virtual_nodes": 64, "max_queue_len": None, "load_factor": 1.25},
+            request_router_kwargs={"virtual_nodes": 64, "max_queue_len": None, "load_factor": 1.25,
+                                   "saturated_kv_usage": 0.95},
+            request_routing_stats_period_s=1.0,
         ),
     )
 
@@ -61,6 +70,7 @@ from dataclasses import dataclass
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+KV_BLOCK_USAGE = "kv_block_usage"  # key of the replicas' routing stats read here
 HASH_BYTES = 8  # 64-bit ring positions
 LOAD_BOUND_EPS = 1e-9  # keeps float rounding (e.g. 1.25 * 0.8 + 1 = 2.0000000000000004) from raising the bound
 
@@ -142,12 +152,16 @@ class SessionAffinityPolicy:
         mean = sum(loads) / len(loads) if loads else 0.0
         return math.ceil(self.load_factor * mean + 1 - LOAD_BOUND_EPS)
 
-    def choose(self, session_id: str, queue_lens: Mapping[str, int | None]) -> list[str]:
+    def choose(
+        self, session_id: str, queue_lens: Mapping[str, int | None], saturated: Iterable[str] = ()
+    ) -> list[str]:
         """Replica ids in order of preference for one request of `session_id`.
 
         `queue_lens` maps every current replica to its queue length (ongoing + queued requests), or to
         None when unknown (the replica did not answer): those are never preferred and go last.
+        `saturated`: replicas whose reported KV use is at the limit; they never qualify either.
         """
+        saturated = frozenset(saturated)
         for replica_id, queue_len in queue_lens.items():
             if queue_len is not None and (not isinstance(queue_len, int) or queue_len < 0):
                 raise ValueError(f"queue_lens[{replica_id!r}] must be a non-negative int or None, got {queue_len!r}")
@@ -156,7 +170,7 @@ class SessionAffinityPolicy:
 
         def qualifies(replica_id: str) -> bool:
             queue_len = queue_lens[replica_id]
-            if queue_len is None or queue_len >= bound:
+            if queue_len is None or queue_len >= bound or replica_id in saturated:
                 return False
             return self.max_queue_len is None or queue_len < self.max_queue_len
 
@@ -164,7 +178,7 @@ class SessionAffinityPolicy:
         ring_rank = {replica_id: rank for rank, replica_id in enumerate(order)}
         overloaded = sorted(
             (r for r in order if not qualifies(r)),
-            key=lambda r: (queue_lens[r] is None, queue_lens[r] or 0, ring_rank[r]),
+            key=lambda r: (queue_lens[r] is None, r in saturated, queue_lens[r] or 0, ring_rank[r]),
         )
         candidates = qualifying + overloaded
         if candidates[0] == order[0]:
@@ -189,16 +203,34 @@ def session_id_of(pending_request: PendingRequest | None) -> str | None:
 class SessionAffinityRequestRouter(RequestRouter):
     """Ray Serve request router: `SessionAffinityPolicy` for requests with a session, power of two otherwise.
 
-    Queue lengths come from Serve's per-handle cache (`replica_queue_len_cache`: kept current by
+    KV use comes from the replicas' `record_routing_stats` (see the module docstring); queue lengths
+    from Serve's per-handle cache (`replica_queue_len_cache`: kept current by
     Serve on every send, completion and rejection); replicas missing from it (idle for longer than
     the cache's 10 s staleness window, or new) are probed once, as Serve's own routers do.
     No FIFOMixin: each routing task fulfils exactly the request it routed, so the choice made for a
     session is the one that request gets.
     """
 
-    def initialize_state(self, virtual_nodes: int = 64, max_queue_len: int | None = None, load_factor: float = 1.25) -> None:
+    def initialize_state(
+        self,
+        virtual_nodes: int = 64,
+        max_queue_len: int | None = None,
+        load_factor: float = 1.25,
+        saturated_kv_usage: float = 0.95,
+    ) -> None:
         """Called by Serve with `RequestRouterConfig.request_router_kwargs`."""
+        if not 0.0 < saturated_kv_usage <= 1.0:
+            raise ValueError(f"saturated_kv_usage must lie in (0, 1], got {saturated_kv_usage!r}")
         self.policy = SessionAffinityPolicy(virtual_nodes=virtual_nodes, max_queue_len=max_queue_len, load_factor=load_factor)
+        self.saturated_kv_usage = saturated_kv_usage
+
+    def saturated(self, replicas: list[RunningReplica]) -> set[str]:
+        """Replicas whose last reported KV-block use is at or above the limit (unreported: not saturated)."""
+        return {
+            r.replica_id.unique_id
+            for r in replicas
+            if float((r.routing_stats or {}).get(KV_BLOCK_USAGE, 0.0)) >= self.saturated_kv_usage
+        }
 
     async def _queue_lens(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int | None]:
         queue_lens: dict[ReplicaID, int | None] = {r.replica_id: self.replica_queue_len_cache.get(r.replica_id) for r in replicas}
@@ -222,5 +254,9 @@ class SessionAffinityRequestRouter(RequestRouter):
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         queue_lens = await self._queue_lens(candidate_replicas)
         by_unique_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        ordered = self.policy.choose(session_id, {r.replica_id.unique_id: queue_lens[r.replica_id] for r in candidate_replicas})
+        ordered = self.policy.choose(
+            session_id,
+            {r.replica_id.unique_id: queue_lens[r.replica_id] for r in candidate_replicas},
+            self.saturated(candidate_replicas),
+        )
         return [[by_unique_id[replica_id]] for replica_id in ordered]

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from mixquant_serve.config import AppConfig
 
 BUNDLED = "bundled:smollm2-135m-instruct"
-SERVE_PORT = 8765
+
+
+def _free_port() -> int:
+    """A port nobody listens on now: concurrent test sessions on one machine must not share Serve's port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+SERVE_PORT = _free_port()  # once per test process
 SERVE_BASE = f"http://127.0.0.1:{SERVE_PORT}"
 DEFAULT_ENGINE = {"block_size": 16, "num_kv_blocks": 512, "max_num_batched_tokens": 2048}
 DEFAULT_LOCAL_PREFILL_TOKENS = 64

@@ -239,6 +239,72 @@ def loaded_pool(name: str, policy_function: str, policy_kwargs: dict, stats: dic
     return Pool.bind()
 
 
+# ---------------------------------------------------------------- application level: the pool ratio
+
+
+@pytest.mark.parametrize(
+    "prefill, decode, expected",
+    [
+        (2, 1, (2, 1)),  # within [0.5, 2]
+        (6, 1, (6, 3)),  # prefill ran ahead: decode is raised, prefill keeps what its load asks for
+        (8, 1, (8, 4)),
+        (1, 4, (2, 4)),  # decode ran ahead: prefill is raised
+        (8, 8, (8, 8)),
+        (1, 1, (1, 1)),
+    ],
+)
+def test_pool_ratio_raises_the_lagging_pool(prefill, decode, expected):
+    got = autoscaling.keep_pool_ratio(prefill=prefill, decode=decode, min_prefill_per_decode=0.5, max_prefill_per_decode=2.0,
+                                      prefill_bounds=(1, 8), decode_bounds=(1, 8))
+    assert got == expected
+
+
+def test_pool_ratio_caps_the_leading_pool_only_when_the_other_is_at_its_max():
+    # decode may not exceed 2, so prefill is capped at 2 * 2 = 4 although its own policy asked for 7
+    assert autoscaling.keep_pool_ratio(prefill=7, decode=1, min_prefill_per_decode=0.5, max_prefill_per_decode=2.0,
+                                       prefill_bounds=(1, 8), decode_bounds=(1, 2)) == (4, 2)
+    # prefill may not exceed 1, so decode is capped at 1 / 0.5 = 2
+    assert autoscaling.keep_pool_ratio(prefill=1, decode=6, min_prefill_per_decode=0.5, max_prefill_per_decode=2.0,
+                                       prefill_bounds=(1, 1), decode_bounds=(1, 8)) == (1, 2)
+    # bounds win over the ratio: both pools pinned at 1 and 5 stay there
+    assert autoscaling.keep_pool_ratio(prefill=1, decode=5, min_prefill_per_decode=0.5, max_prefill_per_decode=2.0,
+                                       prefill_bounds=(1, 1), decode_bounds=(5, 5)) == (1, 5)
+
+
+@pytest.mark.parametrize("low, high", [(0.0, 1.0), (2.0, 1.0), (-1.0, 1.0)])
+def test_pool_ratio_rejects_bad_bounds(low, high):
+    with pytest.raises(ValueError, match="min_prefill_per_decode"):
+        autoscaling.PoolRatioAutoscalingPolicy(min_prefill_per_decode=low, max_prefill_per_decode=high)
+
+
+def pool_ctx(name: str, replicas: int, metrics: dict[str, float], policy: str, kwargs: dict, max_replicas: int = 8):
+    deployment_id = DeploymentID(name=name, app_name="mixquant")
+    ids = [ReplicaID(unique_id=f"{name}-{i}", deployment_id=deployment_id) for i in range(replicas)]
+    config = AutoscalingConfig(min_replicas=1, max_replicas=max_replicas,
+                               policy={"policy_function": policy, "policy_kwargs": kwargs})
+    ctx = make_ctx(ids, {metric: {r: value for r in ids} for metric, value in metrics.items()}, config=config)
+    ctx.deployment_id, ctx.deployment_name, ctx.app_name = deployment_id, name, "mixquant"
+    return deployment_id, ctx
+
+
+def test_application_policy_runs_each_pool_policy_then_keeps_the_ratio():
+    prefill_id, prefill_ctx = pool_ctx("PrefillWorker", 1, {"queued_prefill_tokens": 5 * TOKENS},
+                                       "mixquant_serve.autoscaling:PrefillAutoscalingPolicy",
+                                       {"target_queued_tokens_per_replica": TOKENS})
+    decode_id, decode_ctx = pool_ctx("DecodeWorker", 1, {"kv_block_usage": 0.1, "running_seqs": 1.0},
+                                     "mixquant_serve.autoscaling:DecodeAutoscalingPolicy",
+                                     {"target_kv_usage": 0.7, "target_running_seqs_per_replica": 24})
+    policy = autoscaling.PoolRatioAutoscalingPolicy(min_prefill_per_decode=0.25, max_prefill_per_decode=4.0)
+    decisions, states = policy({prefill_id: prefill_ctx, decode_id: decode_ctx})
+    # prefill's own policy asks for 5 replicas; decode's for 1; the ratio 5:1 > 4 raises decode to 2
+    assert decisions == {prefill_id: 5, decode_id: 2}
+    assert set(states) == {prefill_id, decode_id}
+    wide = autoscaling.PoolRatioAutoscalingPolicy(min_prefill_per_decode=0.25, max_prefill_per_decode=8.0)
+    assert wide({prefill_id: prefill_ctx, decode_id: decode_ctx})[0] == {prefill_id: 5, decode_id: 1}
+    # a pool alone (e.g. another app's deployment) is just its own policy
+    assert wide({prefill_id: prefill_ctx})[0] == {prefill_id: 5}
+
+
 @pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
 def test_serve_controller_scales_each_pool_on_its_own_metric(ray_serve):
     """With Serve's default policy neither pool would scale (no requests at all): the custom metrics do it."""

@@ -166,6 +166,16 @@ def test_bad_choose_arguments_raise():
         policy.choose("", {"a": 0})
 
 
+def test_saturated_replicas_never_qualify_and_go_after_unsaturated_overloaded_ones():
+    policy = SessionAffinityPolicy(virtual_nodes=64, max_queue_len=2)
+    replicas = [f"r{i}" for i in range(3)]
+    order = policy.preference_order("s", replicas)
+    assert policy.choose("s", dict.fromkeys(replicas, 0), saturated=[order[0]]) == [order[1], order[2], order[0]]
+    # every replica saturated or over max_queue_len: the unsaturated overloaded one comes first
+    queue = {order[0]: 0, order[1]: 5, order[2]: 0}
+    assert policy.choose("s", queue, saturated=[order[0], order[2]])[0] == order[1]
+
+
 def test_session_id_of_reads_the_first_positional_argument():
     from mixquant_serve.protocol import PrefillRequest
 
@@ -190,7 +200,7 @@ def test_documented_request_router_config_is_valid_for_serve():
 # ---------------------------------------------------------------- Ray Serve
 
 
-ROUTER_KWARGS = {"virtual_nodes": 64, "max_queue_len": 2, "load_factor": 1.25}
+ROUTER_KWARGS = {"virtual_nodes": 64, "max_queue_len": 2, "load_factor": 1.25, "saturated_kv_usage": 0.9}
 
 
 def echo_app(gate):
@@ -202,6 +212,7 @@ def echo_app(gate):
         request_router_config=RequestRouterConfig(
             request_router_class="mixquant_serve.routing:SessionAffinityRequestRouter",
             request_router_kwargs=ROUTER_KWARGS,
+            request_routing_stats_period_s=0.5,
         ),
     )
     class Echo:
@@ -216,6 +227,9 @@ def echo_app(gate):
         def ping(self) -> str:
             return serve.get_replica_context().replica_id.unique_id
 
+        async def record_routing_stats(self) -> dict[str, float]:
+            return {"kv_block_usage": await self.gate.kv_of.remote(serve.get_replica_context().replica_id.unique_id)}
+
     return Echo.bind(gate)
 
 
@@ -224,6 +238,13 @@ def make_gate():
     class Gate:
         def __init__(self) -> None:
             self.opened = asyncio.Event()
+            self.kv: dict[str, float] = {}
+
+        def set_kv(self, replica_id: str, usage: float) -> None:
+            self.kv[replica_id] = usage
+
+        def kv_of(self, replica_id: str) -> float:
+            return self.kv.get(replica_id, 0.0)
 
         async def wait(self) -> None:
             await self.opened.wait()
@@ -260,7 +281,7 @@ def test_serve_router_affinity_spread_and_overload_fallback(echo_handle):
     assert len(replica_ids) == 3, home_of
 
     # The router's homes are the policy's homes (same ring in every process that holds a handle).
-    policy = SessionAffinityPolicy(**ROUTER_KWARGS)
+    policy = SessionAffinityPolicy(**{k: v for k, v in ROUTER_KWARGS.items() if k != "saturated_kv_usage"})
     assert all(policy.preference_order(s, replica_ids)[0] == home_of[s] for s in sessions)
 
     # Requests without a session (no positional argument) still get routed.
@@ -287,3 +308,21 @@ def test_serve_router_affinity_spread_and_overload_fallback(echo_handle):
     # Load gone: the hot session is back home.
     time.sleep(0.5)  # let the completions reach the queue-length cache
     assert handle.remote(req(hot)).result(timeout_s=30) == hot_order[0]
+
+
+def test_serve_router_avoids_a_replica_that_reports_a_full_kv_cache(echo_handle):
+    handle, gate = echo_handle
+    session = "kv-session"
+    home = handle.remote(req(session)).result(timeout_s=30)
+    ray.get(gate.set_kv.remote(home, 0.97))  # reported through record_routing_stats
+    deadline = time.monotonic() + 30
+    while handle.remote(req(session)).result(timeout_s=30) == home:
+        assert time.monotonic() < deadline, "the router kept sending the session to its saturated home"
+        time.sleep(0.25)
+    assert all(handle.remote(req(session)).result(timeout_s=30) != home for _ in range(5))
+    ray.get(gate.set_kv.remote(home, 0.1))
+    deadline = time.monotonic() + 30
+    while handle.remote(req(session)).result(timeout_s=30) != home:
+        assert time.monotonic() < deadline, "the session did not return home once its KV use dropped"
+        time.sleep(0.25)
+
