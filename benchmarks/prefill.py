@@ -10,6 +10,11 @@ GEMM for the length). Before that it measures the card's ceilings (matmul peak p
 copy bandwidth) and the per-linear micro-benchmark, so every ratio in the printed tables and the
 JSON comes from one run on one card.
 
+The model runs as the engine runs it: fused qkv and gate_up projections, RMSNorm and SwiGLU handing
+fp8 / nvfp4 activations to the next linear from one fused kernel, and on sm_90 the nvfp4 linears
+decode both operands to bf16 and run a dense GEMM from 512 tokens on (quant/linear.py). The peak
+transient memory of each forward (above what is resident) is recorded, scratch included.
+
 Attention is timed on its own too (`attention_probe`: one layer's causal SDPA call, exactly as
 model/attention.py makes it, 4-D so CUDA takes the flash backend), which tells how much of each
 prefill no linear-layer precision can speed up. An out-of-memory prefill is recorded as such and
@@ -108,7 +113,11 @@ def bench_prefill(model: LlamaForCausalLM, lengths: list[int], repeats: int, dev
             try:
                 times = event_times_ms(run, warmup=2, repeats=repeats)
                 host_ms = enqueue_ms(run)
+                torch.cuda.synchronize()
+                resident = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
                 outputs[precision] = run()[-1].float()
+                transient = torch.cuda.max_memory_allocated() - resident
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 rows.append({"tokens": tokens, "precision": precision, "error": "out of memory"})
@@ -123,6 +132,7 @@ def bench_prefill(model: LlamaForCausalLM, lengths: list[int], repeats: int, dev
                 "linear_tflop": linear_flops / 1e12, "attention_tflop": attn_flops / 1e12,
                 "model_tflops": (linear_flops + attn_flops) / ms / 1e9,
                 "matmul_peak_tflops": matmul_peak[precision],
+                "transient_gib": transient / 2**30,  # activations, KV writes and scratch of one forward
             }
             if "all_layers_ms" in probe:
                 row["attention_share"] = probe["all_layers_ms"] / ms
@@ -138,7 +148,7 @@ def bench_prefill(model: LlamaForCausalLM, lengths: list[int], repeats: int, dev
 
 def format_prefill(rows: list[dict[str, object]], probes: list[dict[str, object]], weights: dict[str, int]) -> str:
     lines = [f"{'tokens':>7} {'precision':<9}{'ms':>9}{'host ms':>9}{'tokens/s':>11}{'x bf16':>8}{'model TF/s':>11}"
-             f"{'peak TF/s':>10}{'cos(bf16)':>10}{'attn share':>11}"]
+             f"{'peak TF/s':>10}{'cos(bf16)':>10}{'attn share':>11}{'transient GiB':>14}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['tokens']:>7} {r['precision']:<9} {r['error']}")
@@ -148,7 +158,7 @@ def format_prefill(rows: list[dict[str, object]], probes: list[dict[str, object]
         lines.append(f"{r['tokens']:>7} {r['precision']:<9}{r['ms']:>9.1f}{r['host_enqueue_ms']:>9.1f}"
                      f"{r['tokens_per_s']:>11.0f}{r['speedup_vs_bf16']:>8.2f}{r['model_tflops']:>11.0f}"
                      f"{r['matmul_peak_tflops']:>10.0f}{'' if cosine is None else f'{cosine:.4f}':>10}"
-                     f"{'' if share is None else f'{share:.0%}':>11}")
+                     f"{'' if share is None else f'{share:.0%}':>11}{r['transient_gib']:>14.2f}")
     for p in probes:
         timing = (f"{p['ms']:.2f} ms ({p['tflops']:.0f} TF/s), {p['all_layers_ms']:.1f} ms over all layers"
                   if "ms" in p else p.get("error"))

@@ -30,7 +30,9 @@ arithmetic one, against 695 for the bf16 cuBLAS GEMM (docs/perf-notes.md).
 The global scales are applied as the fp32 tensor `alpha` = 1 / (gs_a * gs_w), computed on the
 device: no host sync; a NaN activation scale (non-finite input) makes the output NaN. Activations
 quantized with one global scale per row (what QuantLinear does, so a token's result does not depend
-on its batch) give one alpha per output row.
+on its batch) give one alpha per output row. A fused projection's weight (q/k/v or gate/up stacked)
+keeps one global scale per part, stored per row: then alpha = 1 / gs_a and a second factor
+1 / gs_w per output column multiplies the accumulator.
 """
 
 from dataclasses import dataclass
@@ -176,7 +178,9 @@ def _nvfp4_gemm_kernel(
     a_scale_ptr,  # [M, NUM_BLOCKS] uint8 (E4M3 bits)
     w_ptr,  # [N, NUM_BLOCKS * 8] uint8, packed weights
     w_scale_ptr,  # [N, NUM_BLOCKS] uint8 (E4M3 bits)
-    alpha_ptr,  # [1] or [M] fp32: 1 / (gs_a * gs_w), per row when activations have per-row scales
+    alpha_ptr,  # [1] or [M] fp32: 1 / (gs_a * gs_w), per row when activations have per-row scales;
+    #             1 / gs_a alone when ALPHA_PER_COL
+    col_alpha_ptr,  # [N] fp32: 1 / gs_w per output channel (fused projections), or unused
     bias_ptr,  # [N] or unused
     out_ptr,  # [M, N], row stride stride_out
     M,
@@ -187,6 +191,7 @@ def _nvfp4_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     DECODE_WITH_PTX: tl.constexpr,
     ALPHA_PER_ROW: tl.constexpr,
+    ALPHA_PER_COL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -251,6 +256,8 @@ def _nvfp4_gemm_kernel(
         out = acc * tl.load(alpha_ptr + a_rows)[:, None]  # a_rows: clamped, so tail rows read a valid entry
     else:
         out = acc * tl.load(alpha_ptr)
+    if ALPHA_PER_COL:
+        out = out * tl.load(col_alpha_ptr + w_rows)[None, :]  # w_rows: clamped like a_rows
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
@@ -278,7 +285,7 @@ def _configs_for_m(configs: list[triton.Config], named_args: dict, **kwargs: obj
 _fixed_kernel = triton.heuristics({"EVEN_K": _even_k})(_nvfp4_gemm_kernel)
 _autotuned_kernel = triton.autotune(
     configs=_SMALL_M_TRITON_CONFIGS + _LARGE_M_TRITON_CONFIGS,
-    key=["M_BUCKET", "N", "NUM_BLOCKS", "HAS_BIAS", "DECODE_WITH_PTX", "ALPHA_PER_ROW"],
+    key=["M_BUCKET", "N", "NUM_BLOCKS", "HAS_BIAS", "DECODE_WITH_PTX", "ALPHA_PER_ROW", "ALPHA_PER_COL"],
     prune_configs_by={"early_config_prune": _configs_for_m},
 )(_fixed_kernel)
 
@@ -295,9 +302,9 @@ def _check_operand(name: str, packed: torch.Tensor, block_scale: torch.Tensor, g
             or not block_scale.is_contiguous()):
         raise ValueError(f"{name}_block_scale must be a contiguous float8_e4m3fn tensor of shape {expected}, got "
                          f"{block_scale.dtype} {tuple(block_scale.shape)}")
-    per_row_ok = name == "a" and tuple(global_scale.shape) == (packed.shape[0], 1)
+    per_row_ok = tuple(global_scale.shape) == (packed.shape[0], 1)
     if global_scale.dtype != torch.float32 or not (global_scale.numel() == 1 or per_row_ok):
-        allowed = f"one element or shape ({packed.shape[0]}, 1)" if name == "a" else "one element"
+        allowed = f"one element or shape ({packed.shape[0]}, 1)"
         raise ValueError(f"{name}_global_scale must be a float32 tensor of {allowed}, got {global_scale.dtype} "
                          f"{tuple(global_scale.shape)}")
     if not (packed.device == block_scale.device == global_scale.device):
@@ -319,8 +326,9 @@ def nvfp4_gemm(
     """out [M, N] = decode(a) @ decode(w).T (+ bias), in out_dtype.
 
     a: packed uint8 [M, Kp/2], block_scale float8_e4m3fn [M, Kp/16], global_scale fp32 one element
-    (as NVFP4Tensor holds them, e.g. from kernels.nvfp4_quantize); w likewise with N rows and the
-    same Kp. bias: [N] or None. config: None autotunes per (M bucket, N, K); a GemmConfig runs that
+    or [M, 1] (as NVFP4Tensor holds them, e.g. from kernels.nvfp4_quantize); w likewise with N rows
+    (global_scale one element or [N, 1]) and the same Kp. bias: [N] or None. config: None autotunes per
+    (M bucket, N, K); a GemmConfig runs that
     tile. decode_with_ptx: False decodes with plain Triton arithmetic (needed under the interpreter).
     """
     _check_operand("a", a_packed, a_block_scale, a_global_scale)
@@ -344,10 +352,17 @@ def nvfp4_gemm(
         return out
     if num_blocks == 0:
         return out.zero_() if bias is None else out.copy_(bias.to(out_dtype).expand(m, n))
-    # alpha: [1] or [M] fp32 on the device, no host sync
+    # alpha: [1] or [M] fp32 on the device, no host sync; per-channel weight scales (a fused
+    # projection's parts) come as a second factor, col_alpha [N]
     alpha_per_row = a_global_scale.numel() != 1
-    alpha = torch.reciprocal(a_global_scale.reshape(-1) * w_global_scale.reshape(1)).contiguous()
-    args = (a_packed, a_block_scale.view(torch.uint8), w_packed, w_block_scale.view(torch.uint8), alpha,
+    alpha_per_col = w_global_scale.numel() != 1
+    if alpha_per_col:
+        alpha = torch.reciprocal(a_global_scale.reshape(-1)).contiguous()
+        col_alpha = torch.reciprocal(w_global_scale.reshape(-1)).contiguous()
+    else:
+        alpha = torch.reciprocal(a_global_scale.reshape(-1) * w_global_scale.reshape(1)).contiguous()
+        col_alpha = alpha
+    args = (a_packed, a_block_scale.view(torch.uint8), w_packed, w_block_scale.view(torch.uint8), alpha, col_alpha,
             bias if bias is not None else alpha, out, m, n, num_blocks, m_bucket(m), out.stride(0))
 
     def grid(meta: dict) -> tuple[int]:
@@ -355,10 +370,10 @@ def nvfp4_gemm(
 
     if config is None:
         _autotuned_kernel[grid](*args, HAS_BIAS=bias is not None, DECODE_WITH_PTX=decode_with_ptx,
-                                ALPHA_PER_ROW=alpha_per_row)
+                                ALPHA_PER_ROW=alpha_per_row, ALPHA_PER_COL=alpha_per_col)
     else:
         _fixed_kernel[grid](*args, HAS_BIAS=bias is not None, DECODE_WITH_PTX=decode_with_ptx,
-                            ALPHA_PER_ROW=alpha_per_row,
+                            ALPHA_PER_ROW=alpha_per_row, ALPHA_PER_COL=alpha_per_col,
                             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                             GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
     return out

@@ -416,6 +416,7 @@ class MixquantStats(ResponseModel):
     prefill_ms: float
     ttft_ms: float
     fallback_reason: str | None
+    decode_replica: str | None = None
 
     @classmethod
     def from_stats(cls, stats: RequestStats) -> "MixquantStats":

@@ -26,10 +26,12 @@ from mixquant_serve.config import AppConfig, Autoscaling
 from mixquant_serve.model.checkpoint import open_checkpoint
 from mixquant_serve.model.config import ModelConfig
 from mixquant_serve.router import ServerSettings, load_tokenizer, router_deployment
+from mixquant_serve.security import ApiKeySource
 from workers.serve import DecodeReplica, PrefillReplica
 
 SESSION_ROUTER = "mixquant_serve.routing:SessionAffinityRequestRouter"
 AUTOSCALING_METRICS_INTERVAL_S = 2.0  # how often replicas push their load to the autoscaler
+ROUTING_STATS_PERIOD_S = 1.0  # how often Serve polls each replica's record_routing_stats for the routers
 
 
 def build_app(args: AppConfig) -> serve.Application:
@@ -41,18 +43,20 @@ def build_app(args: AppConfig) -> serve.Application:
 
     prefill = serve.deployment(PrefillReplica).options(
         name="PrefillWorker",
-        ray_actor_options=_actor_options(config.prefill.resources.num_cpus, config.prefill.resources.num_gpus),
+        ray_actor_options=_actor_options(config.prefill.resources.num_cpus, config.prefill.resources.num_gpus,
+                                         config.prefill.resources.custom),
         max_ongoing_requests=config.prefill.max_ongoing_requests,
         autoscaling_config=_autoscaling(
             config.prefill.autoscaling,
             "mixquant_serve.autoscaling:PrefillAutoscalingPolicy",
             {"target_queued_tokens_per_replica": config.prefill.target_queued_tokens_per_replica},
         ),
-        request_router_config=_session_router(config.router.max_queued_per_replica),
+        request_router_config=_session_router(config.router.max_queued_per_replica, config.router.saturated_kv_usage),
     )
     decode = serve.deployment(DecodeReplica).options(
         name="DecodeWorker",
-        ray_actor_options=_actor_options(config.decode.resources.num_cpus, config.decode.resources.num_gpus),
+        ray_actor_options=_actor_options(config.decode.resources.num_cpus, config.decode.resources.num_gpus,
+                                         config.decode.resources.custom),
         max_ongoing_requests=config.decode.max_ongoing_requests,
         autoscaling_config=_autoscaling(
             config.decode.autoscaling,
@@ -62,7 +66,7 @@ def build_app(args: AppConfig) -> serve.Application:
                 "target_running_seqs_per_replica": config.decode.target_running_seqs_per_replica,
             },
         ),
-        request_router_config=_session_router(config.router.max_queued_per_replica),
+        request_router_config=_session_router(config.router.max_queued_per_replica, config.router.saturated_kv_usage),
     )
     engine = config.decode.engine
     settings = ServerSettings(
@@ -71,6 +75,10 @@ def build_app(args: AppConfig) -> serve.Application:
         max_tokens_cap=config.router.max_tokens_cap,
         max_body_bytes=config.router.max_body_bytes,
         vocab_size=model_config.vocab_size,
+        max_prompt_tokens=config.router.max_prompt_tokens,
+        api_keys=ApiKeySource(config.router.api_keys.keys_file, config.router.api_keys.keys_env_var)
+        if config.router.api_keys is not None
+        else None,
     )
     router = router_deployment().options(
         name="Router",
@@ -82,8 +90,11 @@ def build_app(args: AppConfig) -> serve.Application:
     return router.bind(decode.bind(config, prefill_app), tokenizer_factory, settings, prefill_app)
 
 
-def _actor_options(num_cpus: float, num_gpus: float) -> dict[str, Any]:
-    return {"num_cpus": num_cpus, "num_gpus": num_gpus}
+def _actor_options(num_cpus: float, num_gpus: float, custom: dict[str, float] | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if custom:
+        options["resources"] = dict(custom)
+    return options
 
 
 def _autoscaling(bounds: Autoscaling, policy: str, policy_kwargs: dict[str, float]) -> dict[str, Any]:
@@ -93,13 +104,20 @@ def _autoscaling(bounds: Autoscaling, policy: str, policy_kwargs: dict[str, floa
         "initial_replicas": bounds.initial_replicas if bounds.initial_replicas is not None else bounds.min_replicas,
         "upscale_delay_s": bounds.upscale_delay_s,
         "downscale_delay_s": bounds.downscale_delay_s,
+        "look_back_period_s": bounds.look_back_period_s,
         "metrics_interval_s": AUTOSCALING_METRICS_INTERVAL_S,
         "policy": {"policy_function": policy, "policy_kwargs": policy_kwargs},
     }
 
 
-def _session_router(max_queued_per_replica: int) -> RequestRouterConfig:
+def _session_router(max_queued_per_replica: int, saturated_kv_usage: float) -> RequestRouterConfig:
     return RequestRouterConfig(
         request_router_class=SESSION_ROUTER,
-        request_router_kwargs={"virtual_nodes": 64, "max_queue_len": max_queued_per_replica, "load_factor": 1.25},
+        request_router_kwargs={
+            "virtual_nodes": 64,
+            "max_queue_len": max_queued_per_replica,
+            "load_factor": 1.25,
+            "saturated_kv_usage": saturated_kv_usage,
+        },
+        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
     )

@@ -7,6 +7,8 @@ import sys
 
 from mixquant_serve.engine.sampling import SamplingParams
 from mixquant_serve.eval.cli import add_eval_parser
+from mixquant_serve.loadgen.cli import add_load_parser
+from benchmarks.cli import add_bench_parser
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 
@@ -16,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(commands)
     add_eval_parser(commands)
+    add_load_parser(commands)
+    add_bench_parser(commands)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -21,6 +21,11 @@ class Strict(BaseModel):
 class ActorResources(Strict):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each replica of the pool (fractions allowed).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each replica (1 on GPU deployments; 0 on CPU).")
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources reserved by each replica, e.g. {prefill_node: 1}: with a node group that "
+        "advertises the resource (ray start --resources), the pool lands only there (deploy/kuberay).",
+    )
 
 
 class Autoscaling(Strict):
@@ -29,6 +34,9 @@ class Autoscaling(Strict):
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at start (default: min_replicas).")
     upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before scaling up.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Load must stay low this long before scaling down.")
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Window over which each replica's load samples are averaged before the policy sees them."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "Autoscaling":
@@ -66,6 +74,10 @@ class DecodePool(Strict):
     )
     kv_transfer_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a KV pull before local fallback.")
     prefill_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the prefill pool before local fallback.")
+    transfer_fault_injection: bool = Field(
+        False, description="Test deployments only: give each replica's KV transport an injector that tests arm through "
+        "DecodeReplica.arm_transfer_fault (failures and delays inside the real transfer path). Off in production."
+    )
     resources: ActorResources = Field(default_factory=ActorResources, description="Per-replica resources.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica bounds of the decode pool.")
     target_kv_usage: float = Field(0.7, gt=0, le=1, description="Autoscaling target: fraction of KV blocks in use.")
@@ -74,13 +86,42 @@ class DecodePool(Strict):
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts before Serve queues them.")
 
 
+class ApiKeys(Strict):
+    """Where the Router reads its API keys (the keys themselves never appear in the config)."""
+
+    keys_file: str | None = Field(
+        None, description="Path, readable by every Router replica, of a file with one API key per line ('#' comments)."
+    )
+    keys_env_var: str | None = Field(
+        None, description="Name of an environment variable of the Router replicas holding comma-separated API keys."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ApiKeys":
+        if (self.keys_file is None) == (self.keys_env_var is None):
+            raise ValueError("router.api_keys needs exactly one of keys_file and keys_env_var")
+        return self
+
+
 class RouterSettings(Strict):
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved by each router replica.")
     num_replicas: int = Field(1, ge=1, description="Router (HTTP ingress) replicas.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted (413 above).")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt accepted, in tokens after the chat template (400 above; default: the "
+        "context length less one)."
+    )
+    api_keys: ApiKeys | None = Field(
+        None, description="Require 'Authorization: Bearer <key>' on every route but /health (401 otherwise); "
+        "default: no authentication."
+    )
     max_queued_per_replica: int = Field(
         16, ge=1, description="Session affinity gives way to the least-loaded replica past this many queued requests."
+    )
+    saturated_kv_usage: float = Field(
+        0.95, gt=0, le=1, description="A replica reporting at least this KV-block use takes a session's request only "
+        "when no other replica can (routing stats, polled every second)."
     )
 
 

@@ -38,6 +38,7 @@ class RequestStats:
     prefill_ms: float = 0.0
     ttft_ms: float = 0.0
     fallback_reason: str | None = None
+    decode_replica: str | None = None  # which decode replica served the request (Serve's replica id)
 
 
 @dataclass
@@ -53,6 +54,13 @@ class GenerateChunk:
     num_output_tokens: int = 0
     stats: RequestStats | None = None
     error: str | None = None  # set with finish_reason="error": the request failed on the worker
+
+
+@dataclass(frozen=True)
+class SessionRoute:
+    """First argument of a handle call that must reach the replica serving `session_id` (the routers hash it)."""
+
+    session_id: str
 
 
 @dataclass(frozen=True)

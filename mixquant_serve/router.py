@@ -18,7 +18,9 @@ the `x-session-id` header (1-128 printable ASCII characters, no spaces), or a fr
 per request; every response echoes it in `x-session-id`.
 
 Errors have OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 for bad input (the
-message names the field), 404 for an unknown model or route, 413 for an oversized body, 503 when
+message names the field), 401 without a valid API key when keys are configured (every route but
+/health; see security.py for keys and limits), 404 for an unknown model or route, 413 for an
+oversized body, 503 when
 generation fails (a failed chunk from the worker or an exception from the handle). A stream waits
 for the first chunk before it sends its headers, so a request that fails before producing a token
 gets a 503 too; a failure after that is an SSE event `data: {"error": {...}}`, and the stream ends
@@ -79,7 +81,9 @@ from mixquant_serve.api import (
     usage_of,
 )
 from mixquant_serve.model.tokenizer import Tokenizer
+from mixquant_serve.openapi import install_openapi
 from mixquant_serve.protocol import GenerateChunk, GenerateRequest
+from mixquant_serve.security import UNAUTHORIZED_MESSAGE, ApiKeySource, ApiKeyVerifier, load_api_keys, prompt_limit_problem
 from mixquant_serve.tool_calls import ToolCall, ToolCallStreamFilter, parse_tool_calls
 
 logger = logging.getLogger(__name__)
@@ -123,10 +127,14 @@ class ServerSettings:
     max_tokens_cap: int  # largest max_tokens a request may ask for; also caps the default
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     vocab_size: int | None = None  # bound for token-id prompts; default: the tokenizer's vocabulary size
+    max_prompt_tokens: int | None = None  # longest prompt after the chat template; None: only the context bounds it
+    api_keys: ApiKeySource | None = None  # where each server reads its API keys; None: no authentication
 
     def __post_init__(self) -> None:
         if not self.model_name:
             raise ValueError("model_name must be a non-empty string")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
         for name in ("max_model_len", "max_tokens_cap", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -144,16 +152,18 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         body = ErrorBody(message=self.message, type=self.kind, param=self.param, code=self.code)
         return ErrorResponse(error=body).model_dump()
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class GenerationFailed(Exception):
@@ -212,6 +222,7 @@ class OpenAIServer:
         self.stats_hook = stats
         self.vocab_size = settings.vocab_size if settings.vocab_size is not None else tokenizer.vocab_size
         self.created = int(time.time())
+        self.api_keys = ApiKeyVerifier(load_api_keys(settings.api_keys)) if settings.api_keys is not None else None
         # chat templates and long prompts take milliseconds to seconds: keep them off the event loop
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
 
@@ -221,6 +232,7 @@ class OpenAIServer:
     # ------------------------------------------------------------------------------------------ routes
 
     async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
         chat = validate(ChatCompletionRequest, await read_json_body(request, self.settings.max_body_bytes))
         self._check_model(chat.model)
         session_id = session_id_from(request)
@@ -232,6 +244,7 @@ class OpenAIServer:
         return JSONResponse(self._chat_response(chat, call, text, last).model_dump(mode="json"), headers=call.headers())
 
     async def completions(self, request: Request) -> Response:
+        self._authorize(request)
         completion = validate(CompletionRequest, await read_json_body(request, self.settings.max_body_bytes))
         self._check_model(completion.model)
         session_id = session_id_from(request)
@@ -251,6 +264,7 @@ class OpenAIServer:
         return JSONResponse(response.model_dump(mode="json"), headers=call.headers())
 
     async def models(self, request: Request) -> Response:
+        self._authorize(request)
         card = ModelCard(id=self.settings.model_name, created=self.created, max_model_len=self.settings.max_model_len)
         return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
 
@@ -258,11 +272,17 @@ class OpenAIServer:
         return JSONResponse({"status": "ok"})
 
     async def stats(self, request: Request) -> Response:
+        self._authorize(request)
         if self.stats_hook is None:
             raise ApiError(404, "no stats source is configured", code="not_found")
         return JSONResponse(await self.stats_hook())
 
     # ------------------------------------------------------------------------------------------ admission
+
+    def _authorize(self, request: Request) -> None:
+        """401 unless API keys are off or the request carries one of them (before its body is read)."""
+        if self.api_keys is not None and not self.api_keys.is_authorized(request.headers.get("authorization")):
+            raise ApiError(401, UNAUTHORIZED_MESSAGE, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     def _check_model(self, model: str) -> None:
         if model != self.settings.model_name:
@@ -314,6 +334,9 @@ class OpenAIServer:
     def _max_tokens(self, fields: SamplingFields, num_prompt_tokens: int, prompt_field: str) -> int:
         """The request's output limit: as asked, or the room left in the context (both capped)."""
         context, cap = self.settings.max_model_len, self.settings.max_tokens_cap
+        too_long = prompt_limit_problem(num_prompt_tokens, self.settings.max_prompt_tokens, prompt_field)
+        if too_long is not None:
+            raise ApiError(400, too_long, param=prompt_field, code="prompt_too_long")
         room = context - num_prompt_tokens
         if room < 1:
             raise ApiError(
@@ -684,6 +707,7 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
     for route in server.routes():
         app.add_api_route(route.path, getattr(server, route.handler), methods=[route.method])
     install_error_handlers(app)
+    install_openapi(app)
     return app
 
 
@@ -741,13 +765,20 @@ def router_deployment() -> Any:
     """
     from ray import serve
 
+    from mixquant_serve.dashboard.collector import serve_replica_metrics, start_serve_reporting
+    from mixquant_serve.dashboard.routes import collector_snapshot, mount_dashboard
+    from mixquant_serve.metrics import InflightCounter, timed_generate
+
     app = FastAPI(title="mixquant-serve", docs_url=None, redoc_url=None)
 
     class Router:
         def __init__(self, decode: Any, tokenizer_factory: Callable[[], Tokenizer | None], settings: ServerSettings,
                      prefill: Any = None):
             stats = pool_loads(decode, prefill) if prefill is not None else None
-            self.server = OpenAIServer(tokenizer_factory(), decode_handle_generate(decode), settings, stats)
+            metrics, inflight = serve_replica_metrics("router", settings.model_name, ""), InflightCounter()
+            generate = timed_generate(decode_handle_generate(decode), metrics, inflight)  # TTFT, ITL, E2E
+            self.server = OpenAIServer(tokenizer_factory(), generate, settings, stats)
+            self.metrics_reporter = start_serve_reporting(metrics, inflight.load)  # to the dashboard's collector
 
         async def stats(self, request: Request) -> Response:
             return await self.server.stats(request)
@@ -766,5 +797,7 @@ def router_deployment() -> Any:
 
     for route in (*ROUTES, STATS_ROUTE):
         app.add_api_route(route.path, getattr(Router, route.handler), methods=[route.method])
+    mount_dashboard(app, collector_snapshot())  # GET /dashboard and /dashboard/api/metrics (cluster-wide)
     install_error_handlers(app)
+    install_openapi(app)
     return serve.deployment(serve.ingress(app)(Router))

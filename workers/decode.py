@@ -22,8 +22,10 @@ from typing import Any, AsyncIterator, Callable
 
 from mixquant_serve.engine.decode_engine import DecodeEngine
 from mixquant_serve.engine.output import RequestOutput
+from mixquant_serve.metrics import ReplicaMetrics
 from mixquant_serve.protocol import GenerateChunk, GenerateRequest, PrefillRequest, PrefillResponse, RequestStats
-from mixquant_serve.transfer.base import KVTransferError, KVTransport
+from mixquant_serve.transfer.base import KVTransferError, KVTransport, TransferStats
+from mixquant_serve.transfer.faults import ArmedFaults, FaultPlan
 from workers.engine_thread import EngineThread
 
 
@@ -31,6 +33,7 @@ from workers.engine_thread import EngineThread
 class DecodeParts:
     engine: DecodeEngine
     transport: KVTransport
+    faults: ArmedFaults | None = None  # the transport's fault injector, on test deployments only
 
 
 DecodeFactory = Callable[[str], DecodeParts]  # agent name -> parts
@@ -44,11 +47,17 @@ class DecodeSettings:
 
 
 class DecodeWorker:
-    def __init__(self, factory: DecodeFactory, prefill: Any, settings: DecodeSettings, replica_name: str = "decode"):
-        """`prefill` is the PrefillWorker deployment handle: `await prefill.prefill.remote(PrefillRequest)`."""
+    def __init__(self, factory: DecodeFactory, prefill: Any, settings: DecodeSettings, replica_name: str = "decode",
+                 metrics: ReplicaMetrics | None = None):
+        """`prefill` is the PrefillWorker deployment handle: `await prefill.prefill.remote(PrefillRequest)`.
+
+        `metrics` records each finished request (mixquant_serve.metrics); default: kept in memory only.
+        """
         self.agent_name = f"{replica_name}-{uuid.uuid4().hex[:12]}"
         parts = factory(self.agent_name)
         self.engine, self.transport = parts.engine, parts.transport
+        self.faults = parts.faults
+        self.replica_name = replica_name
         self.transport.register_cache(self.engine.kv_cache)
         self.prefill_handle = prefill
         self.settings = settings
@@ -58,7 +67,16 @@ class DecodeWorker:
         self._queues: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self.counters = {"requests": 0, "local_prefills": 0, "remote_prefills": 0, "fallbacks": 0}
+        self.metrics = metrics if metrics is not None else ReplicaMetrics("decode", replica_name, "", self.engine.core.precision)
+        self._admission_waits: dict[str, float] = {}  # request id -> seconds it waited for the engine thread
+        self.counters = {
+            "requests": 0,
+            "local_prefills": 0,
+            "remote_prefills": 0,
+            "fallbacks": 0,
+            "aborted": 0,  # ended before their final chunk: client gone, cancelled, or failed
+            "peer_handshakes": 0,  # NIXL handshakes with prefill replicas (first contact or after a restart)
+        }
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         self._ensure_loop()
@@ -78,6 +96,9 @@ class DecodeWorker:
                 if not stats.ttft_ms:
                     stats.ttft_ms = (time.perf_counter() - started) * 1e3
                 finished = output.finished
+                if finished:  # recorded before the last yield: the caller may close the stream right after it
+                    admission_wait = self._admission_waits.pop(request.request_id, 0.0)
+                    self.metrics.record_decode_request(stats, admission_wait, output.num_prompt_tokens, output.num_output_tokens)
                 yield GenerateChunk(
                     request_id=request.request_id,
                     text_delta=output.text_delta,
@@ -92,7 +113,9 @@ class DecodeWorker:
                     return
         finally:
             self._queues.pop(request.request_id, None)
+            self._admission_waits.pop(request.request_id, None)
             if not finished:  # client gone, cancelled, or failed: free the blocks now
+                self.counters["aborted"] += 1
                 await asyncio.shield(self.thread.call(self.engine.abort, request.request_id))
 
     def load(self) -> dict[str, float]:
@@ -108,9 +131,11 @@ class DecodeWorker:
     async def _admit(self, request: GenerateRequest) -> RequestStats:
         """Puts the request into the engine, prefilled remotely or locally; returns how it went."""
         engine, prompt, rid = self.engine, request.prompt_token_ids, request.request_id
+        lookup_started = time.perf_counter()
         cached = await self.thread.call(engine.num_cached_tokens, prompt)
+        self._admission_waits[rid] = time.perf_counter() - lookup_started  # the decode pool's queue wait
         uncached = len(prompt) - 1 - cached
-        local = RequestStats("local", engine.core.precision, cached_tokens_decode=cached)
+        local = RequestStats("local", engine.core.precision, cached_tokens_decode=cached, decode_replica=self.replica_name)
         if uncached <= self.settings.local_prefill_tokens:
             await self.thread.call(engine.add_request, rid, prompt, request.sampling)
             self.counters["local_prefills"] += 1
@@ -134,19 +159,18 @@ class DecodeWorker:
             cached_tokens_decode=reservation.num_cached_tokens,
             prefill_ms=response.prefill_ms,
             queue_ms=response.queue_ms,
+            decode_replica=self.replica_name,
+        )
+        remote_block_ids = response.block_ids[reservation.first_block_index :]
+        pull = asyncio.ensure_future(
+            self.transfer_thread.call(self._pull, response, remote_block_ids, reservation.local_block_ids, rid)
         )
         try:
-            peer = await self.transfer_thread.call(self._ensure_peer, response)
-            pulled = await self.transfer_thread.call(
-                self.transport.read_blocks,
-                peer,
-                response.block_ids[reservation.first_block_index :],
-                reservation.local_block_ids,
-                rid.encode(),
-                self.settings.kv_transfer_timeout_s,
-            )
+            pulled = await asyncio.shield(pull)
         except (asyncio.CancelledError, GeneratorExit):
-            await self.thread.call(engine.abort, rid)
+            # The pull thread keeps writing into the reserved blocks until its read ends (at the latest at
+            # kv_transfer_timeout_s): free them only then, and unpin the prefill side if the read did not.
+            await asyncio.shield(self._abort_after_pull(pull, response.prefill_agent, rid))
             raise
         except Exception as error:
             if response.prefill_agent in self._peer_versions:
@@ -167,12 +191,38 @@ class DecodeWorker:
         stats.fallback_reason = reason
         return stats
 
+    def _pull(self, response: PrefillResponse, remote_block_ids: list[int], local_block_ids: list[int], rid: str) -> TransferStats:
+        """On the pull thread: handshake if needed, then read the blocks (the read notifies the prefill replica)."""
+        peer = self._ensure_peer(response)
+        return self.transport.read_blocks(
+            peer, remote_block_ids, local_block_ids, rid.encode(), self.settings.kv_transfer_timeout_s
+        )
+
+    async def _abort_after_pull(self, pull: asyncio.Future, prefill_agent: str, rid: str) -> None:
+        """A cancelled request's pull: wait for the read to end, then free the decode blocks and the pinned ones."""
+        try:
+            await pull
+        except Exception:  # the read failed, so it did not notify: ask the prefill replica to unpin now
+            if prefill_agent in self._peer_versions:
+                await self.transfer_thread.call(self._release_remote, prefill_agent, rid)
+        await self.thread.call(self.engine.abort, rid)
+
     def _ensure_peer(self, response: PrefillResponse) -> str:
         """(Re)handshakes with a prefill replica the first time and after it restarted."""
         if self._peer_versions.get(response.prefill_agent) != response.metadata_version:
             name = self.transport.add_peer(response.agent_metadata)
             self._peer_versions[name] = response.metadata_version
+            self.counters["peer_handshakes"] += 1
         return response.prefill_agent
+
+    def arm_transfer_fault(self, plan: FaultPlan) -> str:
+        """Test deployments: arm a fault in this replica's transport; returns the replica's name."""
+        if self.faults is None:
+            raise RuntimeError(
+                "transfer fault injection is off for this replica: deploy with decode.transfer_fault_injection: true"
+            )
+        self.faults.arm(plan)
+        return self.replica_name
 
     def _release_remote(self, peer: str, request_id: str) -> None:
         """Best effort, on the pull thread: tell the prefill replica holding the blocks to unpin them now.

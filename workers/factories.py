@@ -11,6 +11,7 @@ from mixquant_serve.engine.decode_engine import DecodeEngine
 from mixquant_serve.engine.prefill_engine import PrefillEngine
 from mixquant_serve.model.loader import load_model
 from mixquant_serve.quant.precision import default_compute_dtype, resolve_precision
+from mixquant_serve.transfer.faults import ArmedFaults
 from mixquant_serve.transfer.nixl import NixlTransport
 from workers.decode import DecodeParts
 from workers.prefill import PrefillParts
@@ -42,4 +43,5 @@ def build_decode_parts(config: AppConfig, agent_name: str) -> DecodeParts:
     cache = Path(config.model_cache_dir) if config.model_cache_dir else None
     loaded = load_model(config.model, device, compute_dtype(config, device), {"bf16"}, cache_dir=cache)
     engine = DecodeEngine(loaded.model, loaded.tokenizer, config.decode.engine, device, "bf16")
-    return DecodeParts(engine, NixlTransport(agent_name))
+    faults = ArmedFaults() if config.decode.transfer_fault_injection else None
+    return DecodeParts(engine, NixlTransport(agent_name, fault_injector=faults), faults)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mixquant_serve.engine.prefill_engine import PrefillEngine, PrefillResult
+from mixquant_serve.metrics import ReplicaMetrics
 from mixquant_serve.protocol import PrefillRequest, PrefillResponse
 from mixquant_serve.transfer.base import KVTransport
 from workers.engine_thread import EngineThread
@@ -38,10 +39,12 @@ PrefillFactory = Callable[[str], PrefillParts]  # agent name -> parts
 
 
 class PrefillWorker:
-    def __init__(self, factory: PrefillFactory):
+    def __init__(self, factory: PrefillFactory, metrics: ReplicaMetrics | None = None):
+        """`metrics` records each finished prefill (mixquant_serve.metrics); default: kept in memory only."""
         self.agent_name = f"prefill-{uuid.uuid4().hex[:12]}"
         parts = factory(self.agent_name)
         self.engine, self.transport = parts.engine, parts.transport
+        self.metrics = metrics if metrics is not None else ReplicaMetrics("prefill", self.agent_name, "", self.engine.core.precision)
         self.transport.register_cache(self.engine.kv_cache)
         self.metadata = self.transport.metadata()
         self.metadata_version = uuid.uuid4().hex  # new on every start: decode replicas re-handshake
@@ -72,6 +75,8 @@ class PrefillWorker:
             self._queued_tokens -= len(request.token_ids)
             queued_at = self._queued_at.pop(request.request_id)
         total_ms = (time.perf_counter() - queued_at) * 1e3
+        queue_ms = max(0.0, total_ms - result.seconds * 1e3)
+        self.metrics.record_prefill(result.num_tokens, result.num_cached_tokens, result.seconds, queue_ms / 1e3)
         return PrefillResponse(
             request_id=request.request_id,
             prefill_agent=self.agent_name,
@@ -81,7 +86,7 @@ class PrefillWorker:
             num_tokens=result.num_tokens,
             num_cached_tokens=result.num_cached_tokens,
             prefill_ms=result.seconds * 1e3,
-            queue_ms=max(0.0, total_ms - result.seconds * 1e3),
+            queue_ms=queue_ms,
             precision=self.engine.core.precision,
             lease_seconds=self.engine.core.config.kv_lease_seconds,
         )
@@ -98,6 +103,8 @@ class PrefillWorker:
             "pending_requests": float(len(self._pending)),
             "pinned_requests": float(len(self.engine.pinned)),
             "kv_block_usage": manager.num_used_blocks / manager.num_blocks,
+            "released_by_notification": float(self.num_released_by_notification),
+            "released_by_lease": float(self.num_released_by_lease),
         }
 
     def _ensure_loop(self) -> None:

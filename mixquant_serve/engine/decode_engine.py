@@ -18,6 +18,7 @@ import torch
 
 from mixquant_serve.engine.config import EngineConfig
 from mixquant_serve.engine.core import EngineCore
+from mixquant_serve.engine.cuda_graphs import graph_batch_sizes
 from mixquant_serve.engine.output import RequestOutput, StopStringText
 from mixquant_serve.engine.sampling import SamplingParams, make_sampler_state, sample
 from mixquant_serve.engine.sequence import Sequence
@@ -44,6 +45,8 @@ class DecodeEngine:
         precision: Precision = "bf16",
     ):
         self.core = EngineCore(model, config, precision, device)
+        if device.type == "cuda":  # decode steps replay CUDA graphs (engine/cuda_graphs.py)
+            self.core.runner.capture_decode_graphs(graph_batch_sizes(config.max_num_seqs))
         self.tokenizer = tokenizer
         self.device = device
         self.eos_token_ids = set(tokenizer.eos_token_ids if tokenizer else model.config.eos_token_ids)

@@ -63,7 +63,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[Samp
         if p.greedy:
             tokens.append(greedy_ids[row])
             continue
-        probs = _filtered_probs(logits[row] / p.temperature, p.top_k, p.top_p)
+        # max subtracted first and temperature held within the dtype's range: a tiny temperature leaves the top
+        # logit at 0 and sends the rest to -inf (greedy in effect) instead of producing 0/0 = nan
+        temperature = max(p.temperature, torch.finfo(logits.dtype).tiny)
+        probs = _filtered_probs((logits[row] - logits[row].max()) / temperature, p.top_k, p.top_p)
         tokens.append(int(torch.multinomial(probs, 1, generator=state.generator).item()))
     return tokens
 
@@ -78,7 +81,9 @@ def _filtered_probs(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest set whose mass reaches top_p: a token is dropped if the mass before it already does
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        dropped = mass_before >= top_p
+        dropped[0] = False  # the top token always stays (a top_p below fp32's range would drop every token)
+        sorted_probs = sorted_probs.masked_fill(dropped, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum()
     return probs

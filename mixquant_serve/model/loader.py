@@ -1,4 +1,6 @@
-"""Builds a LlamaForCausalLM from a checkpoint source: names map one to one onto Hugging Face names."""
+"""Builds a LlamaForCausalLM from a checkpoint source: Hugging Face names map onto the model's parameters,
+one to one except the fused projections (llama.FUSED_PROJECTIONS), whose checkpoint tensors fill row
+blocks of one weight."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import torch
 
 from mixquant_serve.model.checkpoint import open_checkpoint
 from mixquant_serve.model.config import ModelConfig
-from mixquant_serve.model.llama import LlamaForCausalLM
+from mixquant_serve.model.llama import FUSED_PROJECTIONS, LlamaForCausalLM
 from mixquant_serve.model.rope import RotaryEmbedding
 from mixquant_serve.model.tokenizer import Tokenizer
+from mixquant_serve.quant.linear import QuantLinear
 from mixquant_serve.quant.precision import Precision
 
 
@@ -58,19 +61,43 @@ def load_model(
     return LoadedModel(checkpoint.name, config, model, tokenizer, time.perf_counter() - started)
 
 
+def checkpoint_targets(model: LlamaForCausalLM) -> dict[str, tuple[torch.nn.Parameter, slice | None]]:
+    """Every checkpoint tensor name the model takes -> (its parameter, the rows it fills or None for all).
+
+    A fused projection "model.layers.3.self_attn.qkv_proj.weight" is filled by
+    "model.layers.3.self_attn.{q,k,v}_proj.weight", each into its part's rows (biases likewise).
+    The tied lm_head shares embed_tokens' parameter and is listed once (named_parameters dedups it).
+    """
+    modules = dict(model.named_modules())
+    targets: dict[str, tuple[torch.nn.Parameter, slice | None]] = {}
+    for name, param in model.named_parameters():
+        module_name, _, leaf = name.rpartition(".")
+        module = modules[module_name]
+        fused = next((f for f in FUSED_PROJECTIONS if module_name.endswith("." + f)), None)
+        if fused is None or not isinstance(module, QuantLinear):
+            targets[name] = (param, None)
+            continue
+        layer_prefix = module_name[: -len(fused)]
+        for index, checkpoint_module in enumerate(FUSED_PROJECTIONS[fused]):
+            targets[f"{layer_prefix}{checkpoint_module}.{leaf}"] = (param, module.part_rows(index))
+    return targets
+
+
 def _load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    params = dict(model.named_parameters())  # tied lm_head shares embed_tokens' parameter and is listed once
-    missing = set(params)
+    targets = checkpoint_targets(model)
+    missing = set(targets)
     for name, tensor in weights:
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
-        if name not in params:
+        if name not in targets:
             raise ValueError(f"checkpoint tensor {name!r} has no place in the {model.config.model_type} architecture")
-        param = params[name]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        param, rows = targets[name]
+        destination = param if rows is None else param[rows]
+        if tuple(tensor.shape) != tuple(destination.shape):
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                             f"{tuple(destination.shape)}")
         with torch.no_grad():
-            param.copy_(tensor)
+            destination.copy_(tensor)
         missing.discard(name)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")

@@ -2,7 +2,9 @@
 
 Modules: nvfp4 and fp8 (quantize / dequantize, the numerics every backend must match),
 precision (Precision, resolve_precision, default_compute_dtype), linear (QuantLinear and the
-choice of matmul backend).
+choice of matmul backend), activation (RMSNorm / SwiGLU handing a linear its input already
+quantized), matmul (reference of the scaled dense GEMM), blocked_scales (the FP4 tensor cores'
+block-scale layout).
 """
 
 from mixquant_serve.quant.fp8 import FP8Tensor

@@ -33,6 +33,9 @@ Global scale per tensor or per row. `global_scale` is either one fp32 value for 
 other tokens in its forward pass, so KV computed for a prefix is bit-identical whether the prefix
 was prefilled alone, inside a longer prompt, or batched with other requests: what the prefix cache
 and continuous batching require. A GEMM applies it as a per-row factor on the fp32 accumulator.
+A fused projection (q/k/v or gate/up stacked into one weight, quant/linear.py) keeps each
+checkpoint tensor's own global scale by storing it on every row of that part: the same bits as
+quantizing the parts one by one.
 
 Packing: two E2M1 nibbles per byte, the even element in the low nibble. Nibble = sign << 3 | code,
 code 0..7 indexing E2M1_GRID.
@@ -180,13 +183,19 @@ def quantize(x: Tensor, global_scale: Tensor | None = None, *, name: str = "x") 
     return NVFP4Tensor(packed=packed, block_scale=block_scale, global_scale=gs, shape=x.shape)
 
 
-def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """x_hat = (q * s) / gs in fp32, padding dropped, cast to dtype; shape t.shape."""
+def block_values(t: NVFP4Tensor) -> Tensor:
+    """q * s in fp32, [..., Kp] (padding kept): the values before the global scale. Exact, and exact in
+    bf16 and fp16 too (at most 2 x 4 significant bits, magnitudes 2**-10 .. 2688): what a GEMM can
+    multiply on 16-bit tensor cores, applying 1 / gs once to its fp32 accumulator."""
     signed_grid = torch.tensor(E2M1_GRID + tuple(-v for v in E2M1_GRID), dtype=torch.float32, device=t.packed.device)
     q = signed_grid[unpack_nibbles(t.packed).long()]
     # q: [..., Kp/16, 16] times s: [..., Kp/16, 1]; the product is exact (2 x 4 significant bits).
     q_blocks = q.reshape(*t.block_scale.shape, BLOCK_SIZE)
-    gs = t.global_scale if t.global_scale.dim() == 0 else t.global_scale.unsqueeze(-1)  # [..., 1, 1] per row
-    x_hat = (q_blocks * t.block_scale.float().unsqueeze(-1)) / gs
-    padded_k = t.packed.shape[-1] * 2
-    return x_hat.reshape(*t.packed.shape[:-1], padded_k)[..., : t.shape[-1]].to(dtype)
+    values = q_blocks * t.block_scale.float().unsqueeze(-1)
+    return values.reshape(*t.packed.shape[:-1], t.packed.shape[-1] * 2)
+
+
+def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """x_hat = (q * s) / gs in fp32, padding dropped, cast to dtype; shape t.shape."""
+    x_hat = block_values(t) / t.global_scale  # global_scale: 0-dim, or [..., 1] per row
+    return x_hat[..., : t.shape[-1]].to(dtype)

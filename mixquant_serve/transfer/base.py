@@ -30,6 +30,7 @@ import torch
 # Named points where a transport calls its fault injector (tests inject failures and delays there).
 FAULT_POINT_BEFORE_READ = "before_read"  # ids validated, nothing posted yet
 FAULT_POINT_AFTER_POST = "after_post"  # the copy/transfer has been started, completion not yet seen
+FAULT_POINT_BEFORE_NOTIFY = "before_notify"  # send_notification: peer checked, message not yet sent
 
 FaultInjector = Callable[[str], None]
 

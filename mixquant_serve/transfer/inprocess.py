@@ -24,6 +24,7 @@ import torch
 
 from mixquant_serve.transfer.base import (
     FAULT_POINT_AFTER_POST,
+    FAULT_POINT_BEFORE_NOTIFY,
     FAULT_POINT_BEFORE_READ,
     CacheLayout,
     FaultInjector,
@@ -164,6 +165,7 @@ class InProcessTransport:
             target = self._peers.get(peer)
         if target is None or target._closed:
             raise KVTransferError(f"{self.name}: cannot notify {peer!r}: unknown or closed peer")
+        self._inject(FAULT_POINT_BEFORE_NOTIFY)
         target._deliver(self.name, msg)
 
     def get_notifications(self) -> list[tuple[str, bytes]]:

@@ -68,6 +68,7 @@ import torch
 
 from mixquant_serve.transfer.base import (
     FAULT_POINT_AFTER_POST,
+    FAULT_POINT_BEFORE_NOTIFY,
     FAULT_POINT_BEFORE_READ,
     CacheLayout,
     FaultInjector,
@@ -413,6 +414,7 @@ class NixlTransport:
 
     def send_notification(self, peer: str, msg: bytes) -> None:
         check_notify_msg(msg)
+        self._inject(FAULT_POINT_BEFORE_NOTIFY)  # outside the lock: a delay must not stall other calls
         with self._lock:
             agent = self._open_agent()
             if peer not in self._peers:

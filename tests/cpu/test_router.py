@@ -165,6 +165,7 @@ def test_non_streaming_chat_has_usage_and_the_mixquant_object():
         "prefill_ms": 3.0,
         "ttft_ms": 5.0,
         "fallback_reason": None,
+        "decode_replica": None,
     }
     [request] = decode.requests
     assert request.request_id == body["id"]
@@ -609,8 +610,14 @@ def test_importing_the_router_does_not_import_ray():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
 
 
-def test_router_deployment_builds_the_server_and_mounts_every_route():
+def test_router_deployment_builds_the_server_and_mounts_every_route(monkeypatch):
+    from mixquant_serve.dashboard import collector
+    from mixquant_serve.metrics import ReplicaMetrics
     from mixquant_serve.router import ROUTES, router_deployment
+
+    # Outside a Serve replica there is no replica context and no collector to push to.
+    monkeypatch.setattr(collector, "serve_replica_metrics", lambda pool, model, precision: ReplicaMetrics(pool, "r0", model, precision))
+    monkeypatch.setattr(collector, "start_serve_reporting", lambda metrics, load: None)
 
     deployment = router_deployment()
     assert deployment.name == "Router"
@@ -627,6 +634,7 @@ def test_router_deployment_builds_the_server_and_mounts_every_route():
     assert handle.stream_option is True
     paths = router.app.openapi()["paths"]
     assert {(route.path, route.method.lower()) for route in ROUTES} <= {(p, m) for p, ms in paths.items() for m in ms}
+    assert {"/dashboard", "/dashboard/api/metrics"} <= set(router.app.openapi()["paths"]) | {getattr(r, "path", "") for r in router.app.routes}
 
 
 # ------------------------------------------------------------------------------------ real engine, openai client

@@ -1,0 +1,1 @@
+"""`mixquant load`: a multi-turn agent load generator for OpenAI-compatible endpoints."""
