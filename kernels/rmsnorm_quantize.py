@@ -74,11 +74,17 @@ def _rmsnorm_quantize_kernel(
         _fp8_quantize_row(z.to(tl.float32), cols, K, out_ptr + row * K, scale_ptr + row)
 
 
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    """(float32, bfloat16, float16) -> "float32, bfloat16 or float16"."""
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
     if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
         raise ValueError(f"x must be 2-D with unit stride along K, got shape {tuple(x.shape)} strides {x.stride()}")
     if x.dtype not in dtypes:
-        raise ValueError(f"x must be one of {dtypes}, got {x.dtype}")
+        raise ValueError(f"x must be {_dtype_names(dtypes)}, got {x.dtype}")
     if not 0 < x.shape[1] <= MAX_K:
         raise ValueError(f"x rows must have 1..{MAX_K} elements, got {x.shape[1]}")
     if weight.dtype != x.dtype or tuple(weight.shape) != (x.shape[1],) or not weight.is_contiguous() \

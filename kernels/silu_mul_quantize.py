@@ -60,12 +60,18 @@ def _silu_mul_quantize_kernel(
         _fp8_quantize_row(z.to(tl.float32), cols, INNER, out_ptr + row * INNER, scale_ptr + row)
 
 
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    """(float32, bfloat16, float16) -> "float32, bfloat16 or float16"."""
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def _check(gate_up: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)) -> int:
     if gate_up.dim() != 2 or (gate_up.shape[1] > 1 and gate_up.stride(1) != 1):
         raise ValueError(f"gate_up must be 2-D with unit stride along its rows, got shape {tuple(gate_up.shape)} "
                          f"strides {gate_up.stride()}")
     if gate_up.dtype not in dtypes:
-        raise ValueError(f"gate_up must be one of {dtypes}, got {gate_up.dtype}")
+        raise ValueError(f"gate_up must be {_dtype_names(dtypes)}, got {gate_up.dtype}")
     if gate_up.shape[1] % 2 != 0 or not 0 < gate_up.shape[1] // 2 <= MAX_INNER:
         raise ValueError(f"gate_up rows must hold 2 x (1..{MAX_INNER}) elements, got {gate_up.shape[1]}")
     return gate_up.shape[1] // 2

@@ -71,7 +71,8 @@ def build_app(args: AppConfig) -> serve.Application:
     engine = config.decode.engine
     settings = ServerSettings(
         model_name=config.served_model_name or checkpoint.name.lower(),
-        max_model_len=min(engine.max_model_len or model_config.max_position_embeddings, engine.num_kv_blocks * engine.block_size),
+        max_model_len=min(engine.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings,
+                      engine.num_kv_blocks * engine.block_size),
         max_tokens_cap=config.router.max_tokens_cap,
         max_body_bytes=config.router.max_body_bytes,
         vocab_size=model_config.vocab_size,

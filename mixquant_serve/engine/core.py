@@ -25,8 +25,10 @@ class EngineCore:
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv_cache, config.block_size, precision)
+        # Positions past max_position_embeddings have no row in the rotary table: never schedule them.
         self.max_model_len = min(
             config.max_model_len or model.config.max_position_embeddings,
+            model.config.max_position_embeddings,
             config.num_kv_blocks * config.block_size,
         )
 
