@@ -92,6 +92,8 @@ def run_fuzz(base_url: str, num_cases: int, headers: dict[str, str] | None = Non
                 modes.append(schemathesis.GenerationMode.NEGATIVE)
             for index, mode in enumerate(modes):
                 examples = budget // len(modes) + (budget % len(modes) if index == 0 else 0)
+                if examples < 1:  # a budget of 1 covers the positive mode only
+                    continue
                 _fuzz_operation(operation.as_strategy(generation_mode=mode), examples, base_url, headers or {},
                                 session, report, seed + 100 * round_index + index, given, settings, HealthCheck,
                                 Phase, hypothesis_seed)
