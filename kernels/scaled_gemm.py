@@ -16,27 +16,11 @@ Tiles are autotuned per (M bucket, N, K) among a few Hopper-sized configs (wgmma
 software pipelines); tail rows and columns read the last valid row again and are masked at the store.
 """
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-
-@dataclass(frozen=True)
-class GemmConfig:
-    """Tile shape and launch parameters of one compiled variant."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    group_m: int = 8  # programs along M that share a band of w in L2
-
-    def as_triton(self) -> triton.Config:
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
-                              "GROUP_M": self.group_m}, num_warps=self.num_warps, num_stages=self.num_stages)
+from kernels.nvfp4_gemm import GemmConfig  # one tile/launch description for both GEMMs
 
 
 # Candidates for prefill-sized products on Hopper (M >= 512); the autotuner keeps the fastest per shape.
