@@ -5,7 +5,10 @@ Request policy (what a client may send):
 * Every OpenAI field this server implements is declared and typed: model, messages, tools,
   tool_choice, parallel_tool_calls, stream, stream_options.include_usage, max_tokens,
   max_completion_tokens, temperature, top_p, seed, stop, n; for /v1/completions also prompt, echo,
-  suffix, best_of. `top_k` is accepted as an extension (0 disables it), as vLLM does.
+  suffix, best_of. Extensions, as vLLM names them: `top_k` (0 disables it); `ignore_eos` (keep
+  generating past the end-of-sequence token, for benchmarks); on /v1/completions `return_token_ids`
+  (each choice, and each streamed event, carries the output's token ids: the only way to read the
+  output of a model without a tokenizer, such as `synthetic:` ones).
 * OpenAI fields that clients commonly send but this server does not implement are declared too, so
   that their *neutral* value passes and any other value is a 400 naming the field: n (1 only),
   logprobs (false/null), top_logprobs (0/null), presence_penalty and frequency_penalty (0 only),
@@ -211,6 +214,7 @@ class SamplingFields(RequestModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    ignore_eos: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -333,6 +337,7 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
+    return_token_ids: bool | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -382,6 +387,7 @@ def sampling_params(request: SamplingFields, max_tokens: int) -> SamplingParams:
         top_k=request.top_k or 0,
         seed=request.seed,
         stop=request.stop_strings,
+        ignore_eos=bool(request.ignore_eos),
     )
 
 
@@ -506,6 +512,7 @@ class CompletionChoice(ResponseModel):
     text: str
     logprobs: None = None
     finish_reason: str | None
+    token_ids: list[int] | None = None  # with return_token_ids only (left out of the JSON otherwise)
 
 
 class CompletionResponse(ResponseModel):

@@ -10,7 +10,8 @@
 
 Each pool is its own deployment with its own resources, session-affinity request router and
 autoscaling policy on its own load signal (prefill: queued prompt tokens; decode: KV use and
-running sequences).
+running sequences). With `prefill.enabled: false` there is no prefill pool: decode replicas
+prefill every prompt themselves (co-located serving).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def build_app(args: AppConfig) -> serve.Application:
         ray_actor_options=_actor_options(config.router.num_cpus, 0.0),
     )
     tokenizer_factory = functools.partial(load_tokenizer, config.model, config.model_cache_dir)
-    prefill_app = prefill.bind(config)
+    prefill_app = prefill.bind(config) if config.prefill.enabled else None  # None: co-located serving
     return router.bind(decode.bind(config, prefill_app), tokenizer_factory, settings, prefill_app)
 
 

@@ -240,8 +240,9 @@ class OpenAIServer:
         call = self._admit(chat, "chatcmpl", session_id, prompt_ids, "messages")
         if chat.stream:
             return await self._start_stream(request, call, functools.partial(self._chat_events, chat))
-        text, last = await self._generate_all(request, call)
-        return JSONResponse(self._chat_response(chat, call, text, last).model_dump(mode="json"), headers=call.headers())
+        output = await self._generate_all(request, call)
+        response = self._chat_response(chat, call, output.text, output.last)
+        return JSONResponse(response.model_dump(mode="json"), headers=call.headers())
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
@@ -250,18 +251,22 @@ class OpenAIServer:
         session_id = session_id_from(request)
         prompt_ids = await self._tokenize_prompt(completion.prompt)
         call = self._admit(completion, "cmpl", session_id, prompt_ids, "prompt")
+        with_ids = bool(completion.return_token_ids)
         if completion.stream:
-            return await self._start_stream(request, call, self._completion_events)
-        text, last = await self._generate_all(request, call)
+            return await self._start_stream(request, call, functools.partial(self._completion_events, with_ids))
+        output = await self._generate_all(request, call)
+        last = output.last
+        choice = CompletionChoice(text=output.text, finish_reason=last.finish_reason,
+                                  token_ids=output.token_ids if with_ids else None)
         response = CompletionResponse(
             id=call.id,
             created=call.created,
             model=call.model,
-            choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
+            choices=[choice],
             usage=usage_of(call.num_prompt_tokens, last.num_output_tokens, last.stats),
             mixquant=MixquantStats.from_stats(last.stats) if last.stats else None,
         )
-        return JSONResponse(response.model_dump(mode="json"), headers=call.headers())
+        return JSONResponse(completion_payload(response), headers=call.headers())
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
@@ -384,8 +389,8 @@ class OpenAIServer:
             mixquant=MixquantStats.from_stats(last.stats) if last.stats else None,
         )
 
-    async def _generate_all(self, request: Request, call: Call) -> tuple[str, GenerateChunk]:
-        """The whole output and the final chunk; 503 on failure, ClientDisconnected if the client leaves."""
+    async def _generate_all(self, request: Request, call: Call) -> "Output":
+        """The whole output and its final chunk; 503 on failure, ClientDisconnected if the client leaves."""
         stream = self.generate(call.request)
         try:
             return await unless_disconnected(request, collect(stream))
@@ -451,15 +456,19 @@ class OpenAIServer:
             yield sse(chunk_payload(chunk, call.include_usage))
         yield SSE_DONE
 
-    async def _completion_events(self, call: Call, chunks: AsyncIterator[GenerateChunk]) -> AsyncGenerator[str, None]:
+    async def _completion_events(
+        self, with_ids: bool, call: Call, chunks: AsyncIterator[GenerateChunk]
+    ) -> AsyncGenerator[str, None]:
+        """One event per chunk with text (or, with `with_ids`, with token ids), then the finish event."""
         last: GenerateChunk | None = None
         async for chunk in chunks:
             last = chunk
-            if chunk.text_delta and not chunk.finished:
-                yield completion_chunk_event(call, chunk.text_delta, None)
+            if (chunk.text_delta or with_ids and chunk.token_ids) and not chunk.finished:
+                yield completion_chunk_event(call, chunk.text_delta, None, token_ids=chunk.token_ids if with_ids else None)
         assert last is not None
         mixquant = MixquantStats.from_stats(last.stats) if last.stats else None
-        yield completion_chunk_event(call, last.text_delta, last.finish_reason, mixquant)
+        ids = last.token_ids if with_ids else None
+        yield completion_chunk_event(call, last.text_delta, last.finish_reason, mixquant, token_ids=ids)
         if call.include_usage:
             usage = usage_of(call.num_prompt_tokens, last.num_output_tokens, last.stats)
             chunk = CompletionResponse(id=call.id, created=call.created, model=call.model, choices=[], usage=usage)
@@ -535,14 +544,25 @@ def raise_if_failed(chunk: GenerateChunk) -> None:
         raise GenerationFailed(chunk.error or reason)
 
 
-async def collect(stream: AsyncIterator[GenerateChunk]) -> tuple[str, GenerateChunk]:
-    """All text of a request and its final chunk."""
+@dataclass(frozen=True)
+class Output:
+    """A whole request's output: its text, its token ids and the final chunk (finish reason, stats)."""
+
+    text: str
+    token_ids: list[int]
+    last: GenerateChunk
+
+
+async def collect(stream: AsyncIterator[GenerateChunk]) -> Output:
+    """All text and token ids of a request, and its final chunk."""
     parts: list[str] = []
+    token_ids: list[int] = []
     async for chunk in stream:
         raise_if_failed(chunk)
         parts.append(chunk.text_delta)
+        token_ids.extend(chunk.token_ids)
         if chunk.finished:
-            return "".join(parts), chunk
+            return Output("".join(parts), token_ids, chunk)
     raise GenerationFailed("the decode worker's stream ended without a final chunk")
 
 
@@ -647,6 +667,19 @@ def chunk_payload(chunk: ChatCompletionChunk | CompletionResponse, include_usage
         payload.pop("usage")
     if payload["mixquant"] is None:
         payload.pop("mixquant")
+    drop_absent_token_ids(payload)
+    return payload
+
+
+def completion_payload(response: CompletionResponse) -> dict[str, Any]:
+    """A non-streaming completion's JSON: OpenAI's shape, `token_ids` only where asked for."""
+    return drop_absent_token_ids(response.model_dump(mode="json"))
+
+
+def drop_absent_token_ids(payload: dict[str, Any]) -> dict[str, Any]:
+    for choice in payload["choices"]:
+        if choice.get("token_ids", 0) is None:
+            choice.pop("token_ids")
     return payload
 
 
@@ -664,13 +697,14 @@ def chat_chunk_event(
 
 
 def completion_chunk_event(
-    call: Call, text: str, finish_reason: str | None, mixquant: MixquantStats | None = None
+    call: Call, text: str, finish_reason: str | None, mixquant: MixquantStats | None = None,
+    token_ids: list[int] | None = None,
 ) -> str:
     chunk = CompletionResponse(
         id=call.id,
         created=call.created,
         model=call.model,
-        choices=[CompletionChoice(text=text, finish_reason=finish_reason)],
+        choices=[CompletionChoice(text=text, finish_reason=finish_reason, token_ids=token_ids)],
         mixquant=mixquant,
     )
     return sse(chunk_payload(chunk, call.include_usage))
@@ -745,9 +779,12 @@ def load_tokenizer(model: str, cache_dir: str | None = None) -> Tokenizer | None
 
 
 def pool_loads(decode_handle: Any, prefill_handle: Any) -> Callable[[], Awaitable[dict]]:
-    """A stats hook: `load()` of one decode and one prefill replica (exact with one replica a pool)."""
+    """A stats hook: `load()` of one decode and one prefill replica (exact with one replica a pool); no prefill
+    entry when `prefill_handle` is None (an app without a prefill pool)."""
 
     async def stats() -> dict:
+        if prefill_handle is None:  # co-located serving: no prefill pool
+            return {"decode": await decode_handle.load.remote()}
         decode, prefill = await asyncio.gather(decode_handle.load.remote(), prefill_handle.load.remote())
         return {"decode": decode, "prefill": prefill}
 
@@ -761,7 +798,8 @@ def router_deployment() -> Any:
     `decode_app` is the bound DecodeWorker (Serve passes the replica a DeploymentHandle), and
     `tokenizer_factory()` (e.g. `functools.partial(load_tokenizer, model, cache_dir)`) runs in the
     replica. The handlers are the OpenAIServer's, mounted as a FastAPI class-based view. With
-    `prefill_app`, GET /stats reports one replica of each pool (`load()`: KV blocks in use, queues).
+    `prefill_app` (None for an app without a prefill pool), GET /stats reports one replica of each pool
+    (`load()`: KV blocks in use, queues).
     """
     from ray import serve
 
@@ -774,7 +812,7 @@ def router_deployment() -> Any:
     class Router:
         def __init__(self, decode: Any, tokenizer_factory: Callable[[], Tokenizer | None], settings: ServerSettings,
                      prefill: Any = None):
-            stats = pool_loads(decode, prefill) if prefill is not None else None
+            stats = pool_loads(decode, prefill)
             metrics, inflight = serve_replica_metrics("router", settings.model_name, ""), InflightCounter()
             generate = timed_generate(decode_handle_generate(decode), metrics, inflight)  # TTFT, ITL, E2E
             self.server = OpenAIServer(tokenizer_factory(), generate, settings, stats)

@@ -49,7 +49,8 @@ class DecodeSettings:
 class DecodeWorker:
     def __init__(self, factory: DecodeFactory, prefill: Any, settings: DecodeSettings, replica_name: str = "decode",
                  metrics: ReplicaMetrics | None = None):
-        """`prefill` is the PrefillWorker deployment handle: `await prefill.prefill.remote(PrefillRequest)`.
+        """`prefill` is the PrefillWorker deployment handle: `await prefill.prefill.remote(PrefillRequest)`;
+        None when the app has no prefill pool (co-located serving: every prompt is prefilled here).
 
         `metrics` records each finished request (mixquant_serve.metrics); default: kept in memory only.
         """
@@ -136,7 +137,7 @@ class DecodeWorker:
         self._admission_waits[rid] = time.perf_counter() - lookup_started  # the decode pool's queue wait
         uncached = len(prompt) - 1 - cached
         local = RequestStats("local", engine.core.precision, cached_tokens_decode=cached, decode_replica=self.replica_name)
-        if uncached <= self.settings.local_prefill_tokens:
+        if self.prefill_handle is None or uncached <= self.settings.local_prefill_tokens:
             await self.thread.call(engine.add_request, rid, prompt, request.sampling)
             self.counters["local_prefills"] += 1
             return local

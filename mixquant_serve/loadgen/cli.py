@@ -26,6 +26,14 @@ def add_load_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds (default 300)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer <key>'")
+    p.add_argument("--prompt-mode", choices=("chat", "tokens"), default="chat",
+                   help="chat: text sessions over /v1/chat/completions (default); tokens: token-id sessions over "
+                        "/v1/completions, for models without a tokenizer (synthetic:)")
+    p.add_argument("--vocab-limit", type=int, default=32000,
+                   help="tokens mode: draw prompt ids below this (default 32000; must be within the vocabulary)")
+    p.add_argument("--ttft-target", type=float, default=None, help="goodput: TTFT target in seconds (with --itl-target)")
+    p.add_argument("--itl-target", type=float, default=None,
+                   help="goodput: target of a request's mean inter-token latency, in seconds (with --ttft-target)")
     p.add_argument("--json", type=Path, default=None, help="write the summary and every turn here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of latency over time here (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,7 +56,11 @@ def run_load_command(args: argparse.Namespace) -> int:
             request_timeout_s=args.timeout,
             seed=args.seed,
             api_key=args.api_key,
+            prompt_mode=args.prompt_mode,
+            vocab_limit=args.vocab_limit,
         )
+        if (args.ttft_target is None) != (args.itl_target is None):
+            raise ValueError("--ttft-target and --itl-target go together (goodput needs both)")
     except ValueError as error:
         print(f"mixquant load: {error}", file=sys.stderr)
         return 2
@@ -69,7 +81,7 @@ def run_load_command(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
-    summary = summarize(run)
+    summary = summarize(run, args.ttft_target, args.itl_target)
     print(format_summary(summary))
     if args.json is not None:
         write_json(run, summary, args.json)

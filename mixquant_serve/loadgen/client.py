@@ -1,7 +1,8 @@
 """One streamed chat turn against an OpenAI-compatible endpoint, timed at the client.
 
-TTFT: request sent -> first SSE event carrying output text. ITL: gaps between consecutive events
-carrying output text (one token per event from mixquant-serve, so per token). E2E: request sent ->
+TTFT: request sent -> first SSE event carrying output text (or, for token sessions over
+/v1/completions with `return_token_ids`, output token ids). ITL: gaps between consecutive such
+events (one token per event from mixquant-serve, so per token). E2E: request sent ->
 `[DONE]`. Usage (prompt, completion and cached tokens) comes from the final usage chunk
 (`stream_options.include_usage`); `mixquant` stats (where prefill ran) from the finish chunk.
 """
@@ -32,6 +33,10 @@ class TurnResult:
     completion_tokens: int = 0
     cached_tokens: int = 0
     prefill: str | None = None  # local | remote (mixquant-serve only)
+    kv_transfer_bytes: int = 0  # mixquant-serve only: KV bytes pulled from the prefill pool, and how long it took
+    kv_transfer_ms: float = 0.0
+    prefill_ms: float = 0.0  # mixquant-serve only: the prefill replica's compute time (remote prefills)
+    token_ids: list[int] = field(default_factory=list)  # the reply's ids (token sessions only)
 
 
 async def stream_chat_turn(
@@ -52,6 +57,38 @@ async def stream_chat_turn(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    return await _stream_turn(client, f"{base_url.rstrip('/')}/v1/chat/completions", body, session_id, turn, api_key)
+
+
+async def stream_completion_turn(
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    prompt_ids: list[int],
+    max_tokens: int,
+    session_id: str,
+    turn: int,
+    api_key: str | None = None,
+) -> TurnResult:
+    """A turn of a token session: /v1/completions with token ids in, token ids out (`return_token_ids`),
+    exactly `max_tokens` of them (`ignore_eos`); events carrying token ids time TTFT and ITL."""
+    body = {
+        "model": model,
+        "prompt": prompt_ids,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    return await _stream_turn(client, f"{base_url.rstrip('/')}/v1/completions", body, session_id, turn, api_key)
+
+
+async def _stream_turn(
+    client: httpx.AsyncClient, url: str, body: dict, session_id: str, turn: int, api_key: str | None
+) -> TurnResult:
+    """Streams one request; output events are chat deltas with content, or completion choices with text or ids."""
     headers = {SESSION_HEADER: session_id}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
@@ -59,7 +96,7 @@ async def stream_chat_turn(
     started = previous = time.perf_counter()
     parts: list[str] = []
     try:
-        async with client.stream("POST", f"{base_url.rstrip('/')}/v1/chat/completions", json=body, headers=headers) as response:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
                 detail = (await response.aread()).decode("utf-8", "replace")[:200]
                 result.error = f"http {response.status_code}: {detail}"
@@ -78,16 +115,22 @@ async def stream_chat_turn(
                     continue
                 now = time.perf_counter()
                 for choice in event.get("choices", []):
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
+                    content = (choice.get("delta") or {}).get("content") or choice.get("text")
+                    ids = choice.get("token_ids") or []
+                    if content or ids:
                         if result.ttft_s is None:
                             result.ttft_s = now - started
                         else:
                             result.itl_s.append(now - previous)
                         previous = now
-                        parts.append(content)
-                if event.get("mixquant"):
-                    result.prefill = event["mixquant"].get("prefill")
+                        parts.append(content or "")
+                        result.token_ids.extend(ids)
+                stats = event.get("mixquant")
+                if stats:
+                    result.prefill = stats.get("prefill")
+                    result.kv_transfer_bytes = stats.get("kv_transfer_bytes", 0) or 0
+                    result.kv_transfer_ms = stats.get("kv_transfer_ms", 0.0) or 0.0
+                    result.prefill_ms = stats.get("prefill_ms", 0.0) or 0.0
                 usage = event.get("usage")
                 if usage:
                     result.prompt_tokens = usage.get("prompt_tokens", 0)

@@ -18,8 +18,10 @@ from typing import Callable
 
 import httpx
 
-from mixquant_serve.loadgen.client import TurnResult, stream_chat_turn
-from mixquant_serve.loadgen.sessions import AgentSession
+from mixquant_serve.loadgen.client import TurnResult, stream_chat_turn, stream_completion_turn
+from mixquant_serve.loadgen.sessions import TOKEN_ID_LOW, AgentSession, TokenAgentSession
+
+PROMPT_MODES = ("chat", "tokens")
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,14 @@ class LoadConfig:
     drain_timeout_s: float = 60.0
     seed: int = 0
     api_key: str | None = None
+    prompt_mode: str = "chat"  # chat: /v1/chat/completions with text; tokens: /v1/completions with token ids
+    vocab_limit: int = 32000  # tokens mode: ids are drawn below this (must be within the model's vocabulary)
 
     def __post_init__(self) -> None:
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        if self.vocab_limit <= TOKEN_ID_LOW:
+            raise ValueError(f"vocab_limit must be > {TOKEN_ID_LOW}, got {self.vocab_limit}")
         for name in ("concurrency", "turns", "tool_result_tokens", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -75,6 +83,23 @@ async def discover_model(client: httpx.AsyncClient, base_url: str, api_key: str 
     return models[0]["id"]
 
 
+def new_session(config: LoadConfig, session_id: str, seed: int) -> AgentSession | TokenAgentSession:
+    if config.prompt_mode == "tokens":
+        return TokenAgentSession(session_id, config.turns, config.tool_result_tokens, seed, config.vocab_limit)
+    return AgentSession(session_id, config.turns, config.tool_result_tokens, seed)
+
+
+async def send_turn(
+    client: httpx.AsyncClient, config: LoadConfig, model: str, session: AgentSession | TokenAgentSession
+) -> TurnResult:
+    turn = session.turns_done + 1
+    if isinstance(session, TokenAgentSession):
+        return await stream_completion_turn(client, config.base_url, model, session.prompt(), config.max_tokens,
+                                            session.session_id, turn, config.api_key)
+    return await stream_chat_turn(client, config.base_url, model, session.messages(), config.max_tokens,
+                                  session.session_id, turn, config.api_key)
+
+
 async def run_load(config: LoadConfig, on_turn: Callable[[TurnResult], None] | None = None) -> LoadRun:
     """Runs the load; `on_turn` is called after every finished turn (progress bars)."""
     timeout = httpx.Timeout(config.request_timeout_s, connect=30.0)
@@ -95,19 +120,16 @@ async def run_load(config: LoadConfig, on_turn: Callable[[TurnResult], None] | N
             while may_start_turn():
                 seed = config.seed * 1_000_003 + budget["sessions"]
                 budget["sessions"] += 1
-                session = AgentSession(f"load-{uuid.uuid4().hex[:12]}", config.turns, config.tool_result_tokens, seed)
+                session = new_session(config, f"load-{uuid.uuid4().hex[:12]}", seed)
                 while not session.finished and may_start_turn():
                     budget["requests"] += 1
-                    result = await stream_chat_turn(
-                        client, config.base_url, model, session.messages(), config.max_tokens,
-                        session.session_id, session.turns_done + 1, config.api_key,
-                    )
+                    result = await send_turn(client, config, model, session)
                     results.append(result)
                     if on_turn is not None:
                         on_turn(result)
                     if not result.ok:
                         break  # a failed turn ends its session: its history would no longer be an agent's
-                    session.add_reply(result.text)
+                    session.add_reply(result.token_ids if config.prompt_mode == "tokens" else result.text)
                     if not session.finished and config.think_time_s > 0:
                         await asyncio.sleep(config.think_time_s)
 

@@ -7,7 +7,8 @@ Every turn resends the whole history, so a session-affine server finds all but t
 result and reply in its prefix cache. Tool results are deterministic pseudo-random JSON records of
 about `tool_result_tokens` tokens (estimated at TOKENS_PER_RECORD each), seeded per session, so a
 run can be repeated. Tools are described in the system prompt's text (not the `tools` field), so
-the model answers in plain text whatever its chat template supports.
+the model answers in plain text whatever its chat template supports. `TokenAgentSession` is the
+same loop in token ids, for models without a tokenizer (synthetic weights for speed runs).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ TASKS = (
     "Find which batch job wrote the malformed rows into the orders table yesterday.",
     "Check whether the cache hit rate dropped after the last deploy and explain why.",
 )
+TOKEN_ID_LOW = 256  # token sessions draw ids from [TOKEN_ID_LOW, vocab_limit): clear of special tokens at the start
 TOKENS_PER_RECORD = 43  # a record below is ~43 tokens with SmolLM2's tokenizer (digits are single tokens)
 
 
@@ -96,3 +98,50 @@ class AgentSession:
             tool = TOOLS[self._rng.randrange(len(TOOLS))][0]
             result = tool_result(self._rng, self.tool_result_tokens)
             self.history.append({"role": "user", "content": f"Tool `{tool}` returned:\n{result}"})
+
+
+@dataclass
+class TokenAgentSession:
+    """An agent session in token ids, for models without a tokenizer (`synthetic:`), over /v1/completions.
+
+    Turn 1 sends `tool_result_tokens` ids (system prompt and first tool result); every later turn
+    resends the history plus the reply's ids (as the server returned them, with return_token_ids)
+    and `tool_result_tokens` new ids. Ids are drawn from [TOKEN_ID_LOW, vocab_limit), seeded per session.
+    """
+
+    session_id: str
+    turns: int
+    tool_result_tokens: int
+    seed: int
+    vocab_limit: int
+    history: list[int] = field(default_factory=list)
+    turns_done: int = 0
+
+    def __post_init__(self) -> None:
+        if self.turns < 1:
+            raise ValueError(f"turns must be >= 1, got {self.turns}")
+        if self.tool_result_tokens < 1:
+            raise ValueError(f"tool_result_tokens must be >= 1, got {self.tool_result_tokens}")
+        if self.vocab_limit <= TOKEN_ID_LOW:
+            raise ValueError(f"vocab_limit must be > {TOKEN_ID_LOW}, got {self.vocab_limit}")
+        self._rng = random.Random(self.seed)
+        self.history = self._random_ids()
+
+    @property
+    def finished(self) -> bool:
+        return self.turns_done >= self.turns
+
+    def prompt(self) -> list[int]:
+        return list(self.history)
+
+    def add_reply(self, reply_ids: list[int]) -> None:
+        """The model's answer (token ids) to the current turn; appends the next tool result unless done."""
+        if self.finished:
+            raise ValueError("add_reply: the session has already had all its turns")
+        self.history.extend(reply_ids)
+        self.turns_done += 1
+        if not self.finished:
+            self.history.extend(self._random_ids())
+
+    def _random_ids(self) -> list[int]:
+        return [self._rng.randrange(TOKEN_ID_LOW, self.vocab_limit) for _ in range(self.tool_result_tokens)]

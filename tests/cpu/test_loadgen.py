@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from mixquant_serve.cli import main
-from mixquant_serve.loadgen.client import stream_chat_turn
+from mixquant_serve.loadgen.client import stream_chat_turn, stream_completion_turn
 from mixquant_serve.loadgen.report import format_summary, plot_png, summarize, write_json
 from mixquant_serve.loadgen.runner import LoadConfig, LoadRun, run_load
-from mixquant_serve.loadgen.sessions import AgentSession, system_prompt, tool_result
+from mixquant_serve.loadgen.sessions import TOKEN_ID_LOW, AgentSession, TokenAgentSession, system_prompt, tool_result
 from mixquant_serve.loadgen.client import TurnResult
 
 
@@ -155,3 +155,83 @@ def test_json_and_png_outputs(tmp_path):
     assert saved["summary"]["ok"] == 50 and len(saved["turns"]) == 51 and "text" not in saved["turns"][0]
     plot_png(run, tmp_path / "run.png")
     assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_token_session_grows_by_reply_ids_and_seeded_tool_results():
+    session = TokenAgentSession("t1", turns=3, tool_result_tokens=100, seed=7, vocab_limit=1000)
+    first = session.prompt()
+    assert len(first) == 100 and all(TOKEN_ID_LOW <= t < 1000 for t in first)
+    session.add_reply([5, 6, 7])
+    second = session.prompt()
+    assert second[:100] == first and second[100:103] == [5, 6, 7] and len(second) == 203
+    session.add_reply([8])
+    session.add_reply([9])
+    assert session.finished and session.prompt()[-1] == 9  # no tool result after the last reply
+    with pytest.raises(ValueError, match="add_reply"):
+        session.add_reply([1])
+    again = TokenAgentSession("t2", turns=3, tool_result_tokens=100, seed=7, vocab_limit=1000)
+    again.add_reply([5, 6, 7])
+    assert again.prompt() == second
+    with pytest.raises(ValueError, match="vocab_limit"):
+        TokenAgentSession("t3", turns=1, tool_result_tokens=1, seed=0, vocab_limit=TOKEN_ID_LOW)
+
+
+def completion_ids_handler(request: httpx.Request) -> httpx.Response:
+    if request.url.path == "/v1/models":
+        return httpx.Response(200, json={"data": [{"id": "synthetic"}]})
+    body = json.loads(request.content)
+    assert request.url.path == "/v1/completions" and isinstance(body["prompt"], list)
+    assert body["return_token_ids"] is True and body["ignore_eos"] is True and body["stream"]
+    stats = {"prefill": "remote", "kv_transfer_bytes": 4_000_000, "kv_transfer_ms": 2.0, "prefill_ms": 30.0}
+    events = [
+        {"choices": [{"text": "", "token_ids": [11]}]},
+        {"choices": [{"text": "", "token_ids": [12]}]},
+        {"choices": [{"text": "", "token_ids": [13], "finish_reason": "length"}], "mixquant": stats},
+        {"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 3}},
+        "[DONE]",
+    ]
+    return httpx.Response(200, content=sse(*events), headers={"content-type": "text/event-stream"})
+
+
+def test_completion_turn_times_token_id_events_and_reads_transfer_stats():
+    async def go():
+        async with mock_client(completion_ids_handler) as client:
+            return await stream_completion_turn(client, "http://x", "m", [300, 301], 3, "s", 1)
+
+    result = asyncio.run(go())
+    assert result.ok and result.token_ids == [11, 12, 13] and result.text == ""
+    assert result.ttft_s is not None and len(result.itl_s) == 2
+    assert (result.kv_transfer_bytes, result.kv_transfer_ms, result.prefill_ms, result.prefill) == (4_000_000, 2.0, 30.0, "remote")
+
+
+def test_token_mode_load_resends_history_with_reply_ids(monkeypatch):
+    prompts = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/v1/models":
+            prompts.append(json.loads(request.content)["prompt"])
+        return completion_ids_handler(request)
+
+    real_client = httpx.AsyncClient
+    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=httpx.MockTransport(handler), **kw))
+    config = LoadConfig("http://x", concurrency=1, turns=2, think_time_s=0.0, tool_result_tokens=20, duration_s=None,
+                        max_requests=2, prompt_mode="tokens", vocab_limit=5000)
+    run = asyncio.run(run_load(config))
+    assert [len(p) for p in prompts] == [20, 43] and prompts[1][:20] == prompts[0] and prompts[1][20:23] == [11, 12, 13]
+    summary = summarize(run, ttft_target_s=10.0, itl_target_s=10.0)
+    assert summary["kv_transfer"]["requests"] == 2 and summary["kv_transfer"]["gb_per_s"]["p50"] == pytest.approx(2.0)
+    assert summary["goodput"]["requests_meeting"] == 2
+    with pytest.raises(ValueError, match="prompt_mode"):
+        LoadConfig("http://x", prompt_mode="audio")
+
+
+def test_goodput_counts_requests_meeting_both_targets():
+    run = fake_run()
+    ok = [r for r in run.results if r.ok]
+    summary = summarize(run, ttft_target_s=0.5, itl_target_s=0.03)
+    expected = [r for r in ok if r.ttft_s <= 0.5 and sum(r.itl_s) / len(r.itl_s) <= 0.03]
+    assert 0 < len(expected) < len(ok)
+    assert summary["goodput"]["requests_meeting"] == len(expected)
+    assert summary["goodput"]["requests_per_s"] == pytest.approx(len(expected) / 60)
+    assert "goodput" in format_summary(summary) and summarize(run)["goodput"] is None
+    assert summary["kv_transfer"] is None  # no request pulled KV

@@ -422,6 +422,23 @@ def test_without_a_tokenizer_only_token_prompts_are_served():
         OpenAIServer(None, decode.generate, SETTINGS)
 
 
+def test_return_token_ids_makes_a_tokenizerless_model_readable_and_ignore_eos_reaches_sampling():
+    decode = ScriptedDecode(script=["", "", ""], finish_reason="length")  # no text: token ids 1, 2, 3
+    settings = ServerSettings(model_name=MODEL, max_model_len=100, max_tokens_cap=8, vocab_size=1000)
+    client = TestClient(build_fastapi_app(OpenAIServer(None, decode.generate, settings)))
+    body = {"model": MODEL, "prompt": [999, 3], "max_tokens": 3, "return_token_ids": True, "ignore_eos": True}
+    whole = client.post("/v1/completions", json=body).json()
+    assert whole["choices"][0]["token_ids"] == [1, 2, 3] and decode.requests[-1].sampling.ignore_eos
+    events = sse_events(client.post("/v1/completions", json={**body, "stream": True}).text)[:-1]
+    assert [e["choices"][0]["token_ids"] for e in events] == [[1], [2], [3]]  # one event per token, even without text
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    plain = client.post("/v1/completions", json={"model": MODEL, "prompt": [999, 3], "max_tokens": 3}).json()
+    assert "token_ids" not in plain["choices"][0] and not decode.requests[-1].sampling.ignore_eos
+    silent = sse_events(client.post("/v1/completions", json={"model": MODEL, "prompt": [9], "stream": True}).text)
+    assert all("token_ids" not in e["choices"][0] for e in silent[:-1])
+    assert client.post("/v1/completions", json={**body, "return_token_ids": "maybe"}).status_code == 400
+
+
 # ---------------------------------------------------------------------------------------------- failures
 
 
