@@ -36,7 +36,7 @@ APP_NAME = "agentic"
 
 def app_args(setup: str, args: argparse.Namespace) -> dict[str, Any]:
     """The AppConfig of one setup: one GPU per replica, fixed replica counts (no autoscaling during a run)."""
-    gpus = 1.0 if args.device == "cuda" else 0.0
+    gpus = args.replica_gpus if args.device == "cuda" else 0.0
     fixed = {"min_replicas": 1, "max_replicas": 1}
     decode_engine = {"block_size": args.block_size, "num_kv_blocks": args.decode_kv_blocks, "max_num_seqs": 64,
                      "max_num_batched_tokens": args.decode_batched_tokens}
@@ -114,7 +114,7 @@ def run_setup(setup: str, args: argparse.Namespace) -> dict[str, Any]:
     config = app_args(setup, args)
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    ray.init(include_dashboard=False, log_to_driver=args.ray_logs)
+    ray.init(include_dashboard=False, log_to_driver=args.ray_logs, num_gpus=args.cluster_gpus)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         started = time.perf_counter()
@@ -221,6 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--decode-batched-tokens", type=int, default=8192)
     run.add_argument("--local-prefill-tokens", type=int, default=512,
                      help="disaggregated setups: uncached tokens up to which decode prefills locally (default 512)")
+    run.add_argument("--replica-gpus", type=float, default=1.0,
+                     help="GPUs reserved by each replica (0.5: a prefill and a decode replica share one GPU)")
+    run.add_argument("--cluster-gpus", type=int, default=None, help="GPUs Ray may use (default: all it detects)")
     run.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved by each replica and the router")
     run.add_argument("--deploy-timeout", type=float, default=420.0, help="seconds to wait for the app to run")
     run.add_argument("--ray-logs", action="store_true", help="show the replicas' logs")
