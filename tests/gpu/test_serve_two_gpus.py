@@ -28,7 +28,7 @@ pytestmark = [
 ]
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "deploy" / "serve_config.gpu.yaml"
-TURN_TOKENS = (1500, 700)  # new tokens per turn: both above local_prefill_tokens (512), so both go remote
+TURN_TOKENS = (1500, 700)  # new tokens per turn: both above the config's local_prefill_tokens, so both go remote
 MAX_TOKENS = 24
 
 
@@ -76,6 +76,7 @@ def test_shipped_gpu_config_splits_the_pools_over_two_gpus_and_matches_the_pipel
     app = config["applications"][0]
     app["args"]["model_cache_dir"] = str(tmp_path)
     args = AppConfig.model_validate(app["args"])
+    assert min(TURN_TOKENS) > args.decode.local_prefill_tokens
     rng = random.Random(0)
     turns = [[rng.randrange(256, 128000) for _ in range(n)] for n in TURN_TOKENS]
     before = gpus_with_processes()
