@@ -255,6 +255,7 @@ def replica_memory_mib(app_name: str) -> dict[str, float]:
 async def run_sessions(base_url: str, headers: dict[str, str], settings: SoakSettings, report: SoakReport,
                        on_warm: Any = None) -> None:
     import httpx
+    from tqdm import tqdm
 
     limits = httpx.Limits(max_connections=settings.concurrency * 2, max_keepalive_connections=settings.concurrency)
     async with httpx.AsyncClient(limits=limits) as client:
@@ -262,16 +263,22 @@ async def run_sessions(base_url: str, headers: dict[str, str], settings: SoakSet
         gate = asyncio.Semaphore(settings.concurrency)
         warm_after = max(1, int(settings.sessions * WARMUP_FRACTION))
         finished = 0
+        progress = tqdm(total=settings.sessions, unit="session", desc="soak", dynamic_ncols=True)
 
         async def one(index: int) -> None:
             nonlocal finished
             async with gate:
                 await run_session(client, base_url, headers, model, settings, index, report)
             finished += 1
+            progress.update(1)
+            progress.set_postfix_str(f"{len(report.records)} requests")
             if finished == warm_after and on_warm is not None:
                 on_warm()
 
-        await asyncio.gather(*(one(i) for i in range(settings.sessions)))
+        try:
+            await asyncio.gather(*(one(i) for i in range(settings.sessions)))
+        finally:
+            progress.close()
 
 
 def run_soak(base_url: str, app_name: str, settings: SoakSettings, headers: dict[str, str] | None = None) -> SoakReport:
