@@ -156,18 +156,10 @@ def deploy(app: Any, timeout_s: float) -> None:
     (replicas that cannot be placed wait forever otherwise) raises with Serve's status message."""
     from ray import serve
 
+    from mixquant_serve.app import wait_until_running
+
     serve.run_many([serve.RunTarget(app, name=APP_NAME, route_prefix="/")], wait_for_applications_running=False)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = serve.status().applications.get(APP_NAME)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"deploy failed: {status.message}")
-        if time.monotonic() > deadline:
-            states = {n: (d.status, d.message) for n, d in status.deployments.items()} if status else None
-            raise RuntimeError(f"not running after {timeout_s:.0f} s: {states}")
-        time.sleep(2)
+    wait_until_running(APP_NAME, timeout_s)
 
 
 def format_table(results: list[dict[str, Any]]) -> str:

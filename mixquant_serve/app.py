@@ -17,6 +17,7 @@ prefill every prompt themselves (co-located serving).
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,20 @@ def _session_router(max_queued_per_replica: int, saturated_kv_usage: float) -> R
         },
         request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
     )
+
+
+def wait_until_running(app_name: str, timeout_s: float, poll_s: float = 2.0) -> None:
+    """Waits for a deployed Serve application to reach RUNNING. Raises RuntimeError with Serve's message if
+    its deploy failed, or with each deployment's state if it is still not running after `timeout_s` (a
+    replica that cannot be placed, e.g. asking for more GPUs than the cluster has, waits forever otherwise)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(app_name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"application {app_name!r} failed to deploy: {status.message}")
+        if time.monotonic() > deadline:
+            states = {name: (d.status, d.message) for name, d in status.deployments.items()} if status else None
+            raise RuntimeError(f"application {app_name!r} not running after {timeout_s:.0f} s: {states}")
+        time.sleep(poll_s)

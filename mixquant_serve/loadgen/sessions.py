@@ -61,6 +61,13 @@ def tool_result(rng: random.Random, num_tokens: int) -> str:
     return json.dumps(records, separators=(",", ":"))
 
 
+def check_session_shape(turns: int, tool_result_tokens: int) -> None:
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    if tool_result_tokens < 1:
+        raise ValueError(f"tool_result_tokens must be >= 1, got {tool_result_tokens}")
+
+
 @dataclass
 class AgentSession:
     """One agent's conversation; `messages()` is the request of the next turn."""
@@ -73,10 +80,7 @@ class AgentSession:
     turns_done: int = 0
 
     def __post_init__(self) -> None:
-        if self.turns < 1:
-            raise ValueError(f"turns must be >= 1, got {self.turns}")
-        if self.tool_result_tokens < 1:
-            raise ValueError(f"tool_result_tokens must be >= 1, got {self.tool_result_tokens}")
+        check_session_shape(self.turns, self.tool_result_tokens)
         self._rng = random.Random(self.seed)
         task = TASKS[self.seed % len(TASKS)]
         self.history = [{"role": "system", "content": system_prompt()}, {"role": "user", "content": task}]
@@ -118,10 +122,7 @@ class TokenAgentSession:
     turns_done: int = 0
 
     def __post_init__(self) -> None:
-        if self.turns < 1:
-            raise ValueError(f"turns must be >= 1, got {self.turns}")
-        if self.tool_result_tokens < 1:
-            raise ValueError(f"tool_result_tokens must be >= 1, got {self.tool_result_tokens}")
+        check_session_shape(self.turns, self.tool_result_tokens)
         if self.vocab_limit <= TOKEN_ID_LOW:
             raise ValueError(f"vocab_limit must be > {TOKEN_ID_LOW}, got {self.vocab_limit}")
         self._rng = random.Random(self.seed)

@@ -78,29 +78,17 @@ def running_replicas() -> dict[str, int]:
     return {name: deployments[name].replica_states.get("RUNNING", 0) for name in ("PrefillWorker", "DecodeWorker")}
 
 
-def wait_until_running(timeout_s: float = 300) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = serve.status().applications.get(APP)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status == "DEPLOY_FAILED":
-            pytest.fail(f"deploy failed: {status.message}")
-        assert time.monotonic() < deadline, f"app not running after {timeout_s} s: {status}"
-        time.sleep(1)
-
-
 @pytest.fixture(scope="module")
 def autoscaling_app(ray_serve, model_cache_dir, bundled):
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
+    from mixquant_serve.app import wait_until_running
+
     client = _get_global_client()
     client.deploy_apps(ServeDeploySchema.model_validate(autoscaling_config(model_cache_dir)))
     try:
-        wait_until_running()
+        wait_until_running(APP, timeout_s=300)
         yield f"{SERVE_BASE}{PREFIX}"
     finally:
         ray_serve.delete(APP)

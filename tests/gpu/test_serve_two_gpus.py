@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -38,18 +37,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_running(serve, name: str, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = serve.status().applications.get(name)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status == "DEPLOY_FAILED":
-            pytest.fail(f"deploy failed: {status.message}")
-        assert time.monotonic() < deadline, f"app not running after {timeout_s} s: {status}"
-        time.sleep(2)
-
-
 def gpus_with_processes() -> set[str]:
     """UUIDs of the GPUs that some process computes on (nvidia-smi's view, across processes)."""
     out = subprocess.run(["nvidia-smi", "--query-compute-apps=gpu_uuid", "--format=csv,noheader"],
@@ -65,6 +52,7 @@ def test_shipped_gpu_config_splits_the_pools_over_two_gpus_and_matches_the_pipel
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
+    from mixquant_serve.app import wait_until_running
     from mixquant_serve.config import AppConfig
     from mixquant_serve.engine.build import build_local_pipeline
     from mixquant_serve.engine.config import EngineConfig
@@ -85,7 +73,7 @@ def test_shipped_gpu_config_splits_the_pools_over_two_gpus_and_matches_the_pipel
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
-        wait_until_running(serve, app["name"])
+        wait_until_running(app["name"], timeout_s=900)
         busy = gpus_with_processes() - before
         assert len(busy) == 2, f"expected the two pools on two GPUs, processes run on {busy}"
         served, stats, prompt = [], [], []
