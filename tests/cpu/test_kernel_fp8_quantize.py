@@ -9,15 +9,10 @@ before the cast (amax, floor, both divisions, the clamp, masks, strides, the two
 rows). tests/gpu/test_fp8_linear.py checks the data bit for bit against the reference on the GPU.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from tests.interpret import run_interpreted
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 INTERPRETED_CHECK = r"""
 import torch
@@ -75,12 +70,8 @@ raise SystemExit(1 if failures else 0)
 
 def test_kernel_matches_reference_under_interpreter() -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    result = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
-    assert "all cases match" in result.stdout
+    stdout = run_interpreted(INTERPRETED_CHECK)
+    assert "all cases match" in stdout, stdout[-4000:]
 
 
 def test_launcher_rejects_bad_arguments() -> None:

@@ -10,18 +10,13 @@ Python with TRITON_INTERPRET=1 (see test_kernel_nvfp4_quantize.py for why); the 
 checks and the torch references run here.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from mixquant_serve.model.config import RopeConfig
 from mixquant_serve.model.rope import RotaryEmbedding, apply_rotary, apply_rotary_reference
+from tests.interpret import run_interpreted
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 INTERPRETED_CHECK = r"""
 import torch
@@ -105,11 +100,8 @@ print("FAILURES:" + "\n".join(failures) if failures else "ALL EXACT")
 
 def test_kernels_under_interpreter() -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
-    result = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], env=env, cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.strip().endswith("ALL EXACT"), result.stdout[-4000:]
+    stdout = run_interpreted(INTERPRETED_CHECK)
+    assert stdout.strip().endswith("ALL EXACT"), stdout[-4000:]
 
 
 def test_rope_table_equals_per_forward_cos_sin() -> None:

@@ -9,15 +9,10 @@ tests/gpu/test_fused_prefill.py runs it in bf16. Child process with TRITON_INTER
 test_kernel_nvfp4_quantize.py); the launchers' argument checks run here.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from tests.interpret import run_interpreted
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 INTERPRETED_CHECK = r"""
 import torch
@@ -80,12 +75,8 @@ raise SystemExit(1 if failures else 0)
 
 def test_kernels_match_reference_under_interpreter() -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    result = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
-    assert "all cases match" in result.stdout
+    stdout = run_interpreted(INTERPRETED_CHECK)
+    assert "all cases match" in stdout, stdout[-4000:]
 
 
 def test_launchers_reject_bad_arguments() -> None:

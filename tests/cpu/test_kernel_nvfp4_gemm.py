@@ -2,19 +2,15 @@
 process, see test_kernel_nvfp4_quantize.py for why), its PTX decoder emulated instruction by
 instruction against the reference decode, and the launcher's argument checks."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from mixquant_serve.quant import nvfp4
+from tests.interpret import run_interpreted
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 INTERPRETED_CHECK = r"""
 import torch
@@ -49,12 +45,8 @@ raise SystemExit(1 if failures else 0)
 
 def test_arithmetic_decoder_matches_reference_under_interpreter() -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    result = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
-    assert "all cases match" in result.stdout
+    stdout = run_interpreted(INTERPRETED_CHECK)
+    assert "all cases match" in stdout, stdout[-4000:]
 
 
 def emulate_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:

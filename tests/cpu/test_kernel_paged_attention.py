@@ -7,17 +7,12 @@ why). The interpreter computes bf16 wrongly (numpy has no bf16), so it checks fp
 runs in tests/gpu/test_paged_attention.py.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from mixquant_serve.model.attention import AttentionMetadata, decode_attention_reference, paged_attention
+from tests.interpret import run_interpreted
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 INTERPRETED_CHECK = r"""
 import torch
@@ -68,12 +63,8 @@ raise SystemExit(1 if failures else 0)
 
 def test_kernel_matches_reference_under_interpreter() -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    result = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
-    assert "all cases match" in result.stdout
+    stdout = run_interpreted(INTERPRETED_CHECK)
+    assert "all cases match" in stdout, stdout[-4000:]
 
 
 def random_cache(g: torch.Generator, blocks: int, layers: int, block_size: int, kv_heads: int, head_dim: int):
