@@ -51,7 +51,7 @@ class PrefillPool(Strict):
     enabled: bool = Field(
         True,
         description="false: no prefill pool; each decode replica prefills every prompt itself in the decode precision "
-        "(co-located serving, the baseline that disaggregation is measured against; deploy/serve_config.colocated.yaml).",
+        "(co-located serving, the baseline that disaggregation is measured against: benchmarks/agentic.py colocated-bf16).",
     )
     precision: PrefillPrecisionChoice = Field(
         "auto", description="Prefill matmul precision: auto (nvfp4 on sm_100+, fp8 on sm_89/90, nvfp4 emulated on CPU), nvfp4, fp8, bf16."

@@ -13,13 +13,14 @@ Needs Ray and NIXL (the device bundle) and two GPUs; skipped otherwise.
 from __future__ import annotations
 
 import random
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+from tests.app_config import SERVE_PORT
 
 pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (one per pool)"),
@@ -29,12 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "deploy" / "serve_config.gpu.yaml"
 TURN_TOKENS = (1500, 700)  # new tokens per turn: both above the config's local_prefill_tokens, so both go remote
 MAX_TOKENS = 24
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def gpus_with_processes() -> set[str]:
@@ -59,7 +54,7 @@ def test_shipped_gpu_config_splits_the_pools_over_two_gpus_and_matches_the_pipel
     from mixquant_serve.engine.sampling import SamplingParams
 
     config = yaml.safe_load(CONFIG.read_text())
-    port = free_port()
+    port = SERVE_PORT
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     app = config["applications"][0]
     app["args"]["model_cache_dir"] = str(tmp_path)
